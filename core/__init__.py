@@ -1,0 +1,1 @@
+"""Shared runtime of the face-generation demo suite: weights, devices, face input, meshes, networks."""

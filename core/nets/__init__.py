@@ -1,0 +1,1 @@
+"""Network definitions (pure PyTorch, official-compatible state-dict names)."""
