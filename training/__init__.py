@@ -1,0 +1,1 @@
+"""Training, conversion and evaluation scripts (may import core; core never imports training)."""
