@@ -1,0 +1,45 @@
+"""Face-generation demo suite: one Gradio app, one tab per method, over the shared `core` runtime.
+
+`python app.py` launches it; host and port come from GRADIO_SERVER_NAME / GRADIO_SERVER_PORT.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no phone-home from offline machines
+
+import gradio as gr  # noqa: E402
+
+from core.methods import METHODS  # noqa: E402
+from core.runtime import Runtime  # noqa: E402
+from tabs import METHOD_TABS, about  # noqa: E402
+
+TITLE = "Face generation demo suite"
+DESCRIPTION = (
+    "# Face generation demo suite\n"
+    "Five research methods for generating and editing faces, in one place: 3DMM-controlled faces, "
+    "region style editing, 3D head stylization, beauty optimization and few-shot 3D portraits. "
+    "Models run in float16 on a GPU and float32 on a CPU. For research and qualitative checks only."
+)
+QUEUE_MAX_SIZE = int(os.environ.get("FACE_SUITE_QUEUE_SIZE", "20"))
+
+
+def build_demo(runtime: Runtime) -> gr.Blocks:
+    """The whole app: a description, then one tab per available method, then About."""
+    titles = {m.key: m.title for m in METHODS}
+    with gr.Blocks(title=TITLE, delete_cache=(3600, 3600)) as demo:
+        gr.Markdown(DESCRIPTION)
+        if runtime.device.type == "cpu":
+            gr.Markdown("Running on CPU: generation takes seconds rather than milliseconds.")
+        with gr.Tabs():
+            for key, module in METHOD_TABS.items():
+                with gr.Tab(titles[key], id=key):
+                    module.create_tab(runtime)
+            with gr.Tab("About", id="about"):
+                about.create_tab(runtime, set(METHOD_TABS))
+    return demo
+
+
+if __name__ == "__main__":
+    build_demo(Runtime()).queue(max_size=QUEUE_MAX_SIZE).launch()
