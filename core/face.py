@@ -42,7 +42,7 @@ from core.nets.camera import camera_label as eg3d_camera_label
 DEFAULT_MAX_BYTES = 25 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 50_000_000
 DEFAULT_MIN_SIDE = 64
-SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO")
+SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")  # JPEG includes MPO (multi-picture JPEG)
 MAX_FACES = 8
 # Detection runs on a copy whose longer side is at most this many pixels (MediaPipe's detector works at 128 px anyway).
 DETECTION_MAX_SIDE = 1280
@@ -468,7 +468,11 @@ def estimate_pose(landmarks: np.ndarray, image_size: tuple[int, int]) -> HeadPos
     direction = camera_centre / np.linalg.norm(camera_centre)
     yaw = math.degrees(math.atan2(direction[0], direction[2]))
     pitch = -90.0 * float(direction[1])
-    roll = math.degrees(math.atan2(rotation[1, 0], rotation[0, 0]))
+    # Roll: how far the image's x axis turns from the horizontal right vector of a level camera looking the same way.
+    camera_right, camera_down, camera_forward = rotation  # the camera axes in canonical-face coordinates
+    level_right = np.cross(camera_forward, (0.0, 1.0, 0.0))
+    level_right /= np.linalg.norm(level_right)
+    roll = math.degrees(math.atan2(level_right @ camera_down, level_right @ camera_right))
     return HeadPose(
         yaw=yaw, pitch=pitch, roll=roll, rotation=rotation, camera_label=eg3d_camera_label(yaw, pitch).float()
     )
