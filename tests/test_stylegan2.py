@@ -69,6 +69,26 @@ def test_official_manifests_match(manifest_path):
     assert fp16_blocks == manifest["derived"]["fp16_block_resolutions"]
 
 
+@pytest.mark.parametrize("kind,name", [("eg3d", "manifest_eg3d_ffhq512-128.json"),
+                                       ("panohead", "manifest_panohead_released.json")])
+def test_build_generator_triplane_kinds(kind, name):
+    path = SHARED_REF / name
+    if not path.exists():
+        pytest.skip(f"{path} not found (shared reference folder absent)")
+    manifest = json.loads(path.read_text())
+    with torch.device("meta"):
+        G = build_generator(kind, manifest["init_kwargs"], manifest["rendering_kwargs"],
+                            manifest["neural_rendering_resolution"])
+    assert G.kind == kind
+    assert G.neural_rendering_resolution == manifest["neural_rendering_resolution"]
+    assert _state_entries(G) == _manifest_entries(manifest["state_dict"])
+
+
+def test_build_generator_rejects_unknown_kind():
+    with pytest.raises(ValueError, match="unknown generator kind"):
+        build_generator("stylegan3", {})
+
+
 def test_conditional_mapping_has_embed_and_loads_strictly():
     G = _tiny(c_dim=5, mapping_kwargs={"num_layers": 2, "embed_features": 4, "layer_features": 6})
     assert G.mapping.embed.weight.shape == (4, 5)

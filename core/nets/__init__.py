@@ -44,7 +44,8 @@ def build_generator(
     if rendering_kwargs is None:
         rendering_kwargs = init_kwargs.get("rendering_kwargs")
     init_kwargs["rendering_kwargs"] = dict(rendering_kwargs or {})
-    generator = TriPlaneGenerator(**init_kwargs, panohead=(kind == "panohead"))
+    init_kwargs["kind"] = kind
+    generator = TriPlaneGenerator(**init_kwargs)
     if neural_rendering_resolution is not None:
         generator.neural_rendering_resolution = int(neural_rendering_resolution)
     return generator
