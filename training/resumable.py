@@ -1,0 +1,161 @@
+"""Resumable training in short chunks: a wall-clock deadline and sharded safetensors checkpoints.
+
+GPU work runs in commands of at most ~9.5 minutes whose files come back in pieces of at most 16 MiB, eight at a
+time. So a checkpoint is one flat folder: `state.json` (step, optimizer hyper-parameters, anything JSON) plus
+`tensors-NNNNN.safetensors` shards of at most `max_shard_bytes` each. Saving is atomic (written beside, then
+renamed), loading restores modules, optimizers and RNG states, and `Deadline` tells the loop when to stop and save.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+MAX_SHARD_BYTES = 15 * 2**20
+STATE_FILE = "state.json"
+
+
+class Deadline:
+    """Stop-the-loop signal: `expired()` turns true `reserve_s` seconds before `budget_s` has elapsed."""
+
+    def __init__(self, budget_s: float, reserve_s: float = 30.0):
+        if budget_s <= reserve_s:
+            raise ValueError(f"budget_s ({budget_s}) must exceed reserve_s ({reserve_s})")
+        self.start = time.monotonic()
+        self.budget_s = budget_s
+        self.reserve_s = reserve_s
+
+    @property
+    def elapsed_s(self) -> float:
+        return time.monotonic() - self.start
+
+    def expired(self) -> bool:
+        return self.elapsed_s >= self.budget_s - self.reserve_s
+
+
+def _flatten_optimizer(name: str, optimizer: torch.optim.Optimizer, moment_dtype: torch.dtype | None):
+    state = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, param_state in state["state"].items():
+        for key, value in param_state.items():
+            if isinstance(value, torch.Tensor) and value.ndim > 0:
+                if moment_dtype is not None and value.is_floating_point():
+                    value = value.to(moment_dtype)
+                tensors[f"optim.{name}.{index}.{key}"] = value
+            else:
+                scalars.setdefault(str(index), {})[key] = value.item() if isinstance(value, torch.Tensor) else value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _shard(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if nbytes > max_shard_bytes:
+            raise ValueError(f"tensor {key} ({nbytes} bytes) is larger than a shard ({max_shard_bytes} bytes)")
+        if size + nbytes > max_shard_bytes and shards[-1]:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor.detach().contiguous().cpu()
+        size += nbytes
+    return shards
+
+
+def save_checkpoint(
+    directory: str | Path,
+    step: int,
+    modules: dict[str, torch.nn.Module],
+    optimizers: dict[str, torch.optim.Optimizer] | None = None,
+    extra: dict[str, Any] | None = None,
+    *,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+    module_dtypes: dict[str, torch.dtype] | None = None,
+    moment_dtype: torch.dtype | None = None,
+) -> Path:
+    """Write `directory` (replacing it atomically) with every module's state dict, optimizer states and RNG states.
+
+    `module_dtypes` stores chosen modules in another float dtype (e.g. an EMA copy in float16); `moment_dtype`
+    stores optimizer moments compressed (e.g. bfloat16) to keep the checkpoint small.
+    """
+    directory = Path(directory)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, module in modules.items():
+        dtype = (module_dtypes or {}).get(name)
+        for key, value in module.state_dict().items():
+            if dtype is not None and value.is_floating_point():
+                value = value.to(dtype)
+            tensors[f"module.{name}.{key}"] = value
+    optimizer_meta = {}
+    for name, optimizer in (optimizers or {}).items():
+        optimizer_tensors, optimizer_meta[name] = _flatten_optimizer(name, optimizer, moment_dtype)
+        tensors.update(optimizer_tensors)
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for index, rng in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{index}"] = rng
+
+    staging = directory.with_name(directory.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    shards = _shard(tensors, max_shard_bytes)
+    for index, shard in enumerate(shards):
+        save_file(shard, str(staging / f"tensors-{index:05d}.safetensors"))
+    state = {"step": step, "optimizers": optimizer_meta, "extra": extra or {}, "shards": len(shards),
+             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    (staging / STATE_FILE).write_text(json.dumps(state, indent=1, default=float))
+    backup = directory.with_name(directory.name + ".old")
+    if directory.exists():
+        shutil.rmtree(backup, ignore_errors=True)
+        os.replace(directory, backup)
+    os.replace(staging, directory)
+    shutil.rmtree(backup, ignore_errors=True)
+    return directory
+
+
+def load_checkpoint(
+    directory: str | Path,
+    modules: dict[str, torch.nn.Module],
+    optimizers: dict[str, torch.optim.Optimizer] | None = None,
+) -> tuple[int, dict[str, Any]] | None:
+    """Restore a checkpoint written by `save_checkpoint` into `modules`/`optimizers` (strictly; dtypes follow the
+    live modules). Returns (step, extra), or None when `directory` holds no checkpoint."""
+    directory = Path(directory)
+    if not (directory / STATE_FILE).exists():
+        return None
+    state = json.loads((directory / STATE_FILE).read_text())
+    tensors: dict[str, torch.Tensor] = {}
+    for index in range(state["shards"]):
+        tensors.update(load_file(str(directory / f"tensors-{index:05d}.safetensors")))
+
+    for name, module in modules.items():
+        prefix = f"module.{name}."
+        own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        reference = module.state_dict()
+        module.load_state_dict({k: v.to(reference[k].dtype) if k in reference else v for k, v in own.items()})
+    for name, optimizer in (optimizers or {}).items():
+        meta = state["optimizers"][name]
+        live_params = [p for group in optimizer.param_groups for p in group["params"]]
+        restored: dict[int, dict[str, Any]] = {}
+        prefix = f"optim.{name}."
+        for key, value in tensors.items():
+            if key.startswith(prefix):
+                index, field = key[len(prefix):].split(".", 1)
+                restored.setdefault(int(index), {})[field] = value.to(live_params[int(index)].dtype)
+        for index, scalars in meta["scalars"].items():
+            for field, value in scalars.items():
+                restored.setdefault(int(index), {})[field] = torch.tensor(float(value))
+        optimizer.load_state_dict({"state": restored, "param_groups": meta["param_groups"]})
+    torch.set_rng_state(tensors["rng.cpu"])
+    cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+    if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda_states)
+    return state["step"], state["extra"]
