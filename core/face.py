@@ -44,8 +44,11 @@ DEFAULT_MAX_PIXELS = 50_000_000
 DEFAULT_MIN_SIDE = 64
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")  # JPEG includes MPO (multi-picture JPEG)
 MAX_FACES = 8
-# Detection runs on a copy whose longer side is at most this many pixels (MediaPipe's detector works at 128 px anyway).
+# Detection runs on a copy whose longer side is at most this many pixels (MediaPipe's detectors work at 128-192 px).
 DETECTION_MAX_SIDE = 1280
+# A face only the full-range detector finds is meshed in a window this many times its box (at most WINDOW_SIDE px).
+WINDOW_PER_BOX = 2.5
+WINDOW_SIDE = 512
 # The ramp (fraction of the output size) over which the area outside the photo fades to a blurred, flat fill.
 BORDER_FADE = 0.25
 
@@ -56,7 +59,7 @@ NOSE_TIP = 1
 MOUTH_RIGHT_CORNER = 61
 MOUTH_LEFT_CORNER = 291
 
-CANONICAL_MESH_PATH = Path(__file__).resolve().parent.parent / "weights" / "mediapipe_canonical" / "canonical_face_model.json"
+CANONICAL_MESH_PATH = Path(__file__).resolve().parents[1] / "weights/mediapipe_canonical/canonical_face_model.json"
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
 
@@ -121,7 +124,7 @@ class PreparedFace:
     transform: np.ndarray
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Intake
 
 
@@ -221,7 +224,9 @@ def _to_rgb(image: Image.Image) -> Image.Image:
             return Image.alpha_composite(background, rgba).convert("RGB")
         return image.convert("RGB")
     except ValueError as error:
-        raise FaceInputError(f"Images in colour mode {image.mode} are not supported. Please upload an RGB photo.") from error
+        raise FaceInputError(
+            f"Images in colour mode {image.mode} are not supported. Please upload an RGB photo."
+        ) from error
 
 
 def check_upload(
@@ -264,32 +269,50 @@ def load_image(
     return image
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Detection
 
 
-class _FaceMesh:
-    """One lazily created MediaPipe FaceMesh (478 landmarks) shared by all threads behind a lock."""
+class _MediaPipeFaces:
+    """MediaPipe FaceMesh (478 landmarks) and the full-range face detector, created once, shared behind a lock."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._mesh = None
+        self._detector = None
 
-    def normalised_landmarks(self, rgb: np.ndarray) -> list[np.ndarray]:
-        """(478, 3) arrays of MediaPipe's normalised (x, y, z) per detected face."""
+    def _create(self) -> None:
+        from mediapipe.python.solutions.face_detection import FaceDetection
+        from mediapipe.python.solutions.face_mesh import FaceMesh
+
+        self._mesh = FaceMesh(
+            static_image_mode=True, max_num_faces=MAX_FACES, refine_landmarks=True, min_detection_confidence=0.5
+        )
+        self._detector = FaceDetection(model_selection=1, min_detection_confidence=0.5)
+
+    def landmarks(self, rgb: np.ndarray) -> list[np.ndarray]:
+        """(478, 3) arrays of MediaPipe's normalised (x, y, z) per face found by FaceMesh."""
         with self._lock:
             if self._mesh is None:
-                from mediapipe.python.solutions.face_mesh import FaceMesh
-
-                self._mesh = FaceMesh(
-                    static_image_mode=True, max_num_faces=MAX_FACES, refine_landmarks=True, min_detection_confidence=0.5
-                )
+                self._create()
             result = self._mesh.process(rgb)
         faces = result.multi_face_landmarks or []
         return [np.array([(p.x, p.y, p.z) for p in face.landmark], dtype=np.float64) for face in faces]
 
+    def boxes(self, rgb: np.ndarray) -> list[tuple[float, float, float, float]]:
+        """Normalised (x0, y0, x1, y1) boxes of the full-range detector (it finds faces too small for FaceMesh)."""
+        with self._lock:
+            if self._detector is None:
+                self._create()
+            result = self._detector.process(rgb)
+        boxes = []
+        for detection in result.detections or []:
+            box = detection.location_data.relative_bounding_box
+            boxes.append((box.xmin, box.ymin, box.xmin + box.width, box.ymin + box.height))
+        return boxes
 
-_FACE_MESH = _FaceMesh()
+
+_MEDIAPIPE = _MediaPipeFaces()
 
 
 def _as_rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:
@@ -300,29 +323,67 @@ def _as_rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
+def _detected_face(normalised: np.ndarray, origin: tuple[float, float], extent: tuple[float, float]) -> DetectedFace:
+    """A face from normalised landmarks of a window at `origin` (continuous pixels) of `extent` (width, height)."""
+    points = np.empty((len(normalised), 3), dtype=np.float32)
+    points[:, 0] = normalised[:, 0] * extent[0] + origin[0] - 0.5
+    points[:, 1] = normalised[:, 1] * extent[1] + origin[1] - 0.5
+    points[:, 2] = normalised[:, 2] * extent[0]
+    x0, y0 = points[:, :2].min(axis=0)
+    x1, y1 = points[:, :2].max(axis=0)
+    box = (float(x0), float(y0), float(x1), float(y1))
+    return DetectedFace(landmarks=points[:, :2].copy(), landmarks_3d=points, box=box)
+
+
+def _contains(face: DetectedFace, point: np.ndarray) -> bool:
+    x0, y0, x1, y1 = face.box
+    return bool(x0 <= point[0] <= x1 and y0 <= point[1] <= y1)
+
+
+def _mesh_in_window(rgb: np.ndarray, centre: np.ndarray, side: float) -> DetectedFace | None:
+    """FaceMesh on a square window around `centre` (padded where it leaves the image); the face nearest the centre."""
+    height, width = rgb.shape[:2]
+    side_px = max(int(round(side)), 8)
+    x0, y0 = int(round(centre[0] - side_px / 2)), int(round(centre[1] - side_px / 2))
+    window = rgb[max(y0, 0) : max(min(y0 + side_px, height), 0), max(x0, 0) : max(min(x0 + side_px, width), 0)]
+    if window.size == 0:
+        return None
+    window = cv2.copyMakeBorder(
+        window, max(-y0, 0), max(y0 + side_px - height, 0), max(-x0, 0), max(x0 + side_px - width, 0),
+        cv2.BORDER_CONSTANT, value=(0, 0, 0),
+    )
+    if side_px > WINDOW_SIDE:
+        window = cv2.resize(window, (WINDOW_SIDE, WINDOW_SIDE), interpolation=cv2.INTER_AREA)
+    faces = [_detected_face(found, (x0, y0), (side_px, side_px)) for found in _MEDIAPIPE.landmarks(window)]
+    if not faces:
+        return None
+    return min(faces, key=lambda face: np.hypot(*(face.landmarks.mean(axis=0) - centre)))
+
+
 def detect_faces(image: Image.Image | np.ndarray) -> list[DetectedFace]:
-    """Faces with 478 MediaPipe landmarks in pixel coordinates, largest first (empty list if none)."""
+    """Faces with 478 MediaPipe landmarks in pixel coordinates, largest first (empty list if none).
+
+    FaceMesh runs on the whole image (downscaled to `DETECTION_MAX_SIDE`); faces that only the full-range detector
+    finds (small faces in a large photo) get their landmarks from FaceMesh on a window around them.
+    """
     rgb = _as_rgb_array(image)
     height, width = rgb.shape[:2]
     scale = DETECTION_MAX_SIDE / max(height, width)
     small = rgb
     if scale < 1:
         small = cv2.resize(rgb, (round(width * scale), round(height * scale)), interpolation=cv2.INTER_AREA)
-    faces = []
-    for normalised in _FACE_MESH.normalised_landmarks(small):
-        points = np.empty((len(normalised), 3), dtype=np.float32)
-        points[:, 0] = normalised[:, 0] * width - 0.5
-        points[:, 1] = normalised[:, 1] * height - 0.5
-        points[:, 2] = normalised[:, 2] * width
-        x0, y0 = points[:, :2].min(axis=0)
-        x1, y1 = points[:, :2].max(axis=0)
-        faces.append(
-            DetectedFace(landmarks=points[:, :2].copy(), landmarks_3d=points, box=(float(x0), float(y0), float(x1), float(y1)))
-        )
+    faces = [_detected_face(found, (0.0, 0.0), (width, height)) for found in _MEDIAPIPE.landmarks(small)]
+    for x0, y0, x1, y1 in _MEDIAPIPE.boxes(small):
+        centre = np.array([(x0 + x1) / 2 * width - 0.5, (y0 + y1) / 2 * height - 0.5])
+        if len(faces) >= MAX_FACES or any(_contains(face, centre) for face in faces):
+            continue
+        face = _mesh_in_window(rgb, centre, WINDOW_PER_BOX * max((x1 - x0) * width, (y1 - y0) * height))
+        if face is not None and not any(_contains(other, face.landmarks.mean(axis=0)) for other in faces):
+            faces.append(face)
     return sorted(faces, key=lambda face: face.area, reverse=True)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Alignment
 
 
@@ -358,7 +419,9 @@ def ffhq_quad(landmarks: np.ndarray) -> np.ndarray:
     x_axis *= max(np.hypot(*eye_to_eye) * 2.0, np.hypot(*eye_to_mouth) * 1.8) / np.hypot(*x_axis)
     y_axis = np.array([-x_axis[1], x_axis[0]])
     centre = eye_mid + eye_to_mouth * 0.1
-    return np.stack([centre - x_axis - y_axis, centre - x_axis + y_axis, centre + x_axis + y_axis, centre + x_axis - y_axis])
+    return np.stack(
+        [centre - x_axis - y_axis, centre - x_axis + y_axis, centre + x_axis + y_axis, centre + x_axis - y_axis]
+    )
 
 
 def _quad_transform(quad: np.ndarray, size: int) -> np.ndarray:
@@ -403,9 +466,12 @@ def align_face(image: Image.Image | np.ndarray, landmarks: np.ndarray, size: int
         shrunk_size = (max(1, round(patch.shape[1] * scale * 1.5)), max(1, round(patch.shape[0] * scale * 1.5)))
         factor_x, factor_y = shrunk_size[0] / patch.shape[1], shrunk_size[1] / patch.shape[0]
         patch = cv2.resize(patch, shrunk_size, interpolation=cv2.INTER_AREA)
-        to_patch = np.array([[factor_x, 0, (factor_x - 1) / 2], [0, factor_y, (factor_y - 1) / 2], [0, 0, 1]]) @ to_patch
+        resize = np.array([[factor_x, 0, (factor_x - 1) / 2], [0, factor_y, (factor_y - 1) / 2], [0, 0, 1]])
+        to_patch = resize @ to_patch
     patch_to_aligned = (transform @ np.linalg.inv(to_patch))[:2]
-    aligned = cv2.warpAffine(patch, patch_to_aligned, (size, size), flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REFLECT)
+    aligned = cv2.warpAffine(
+        patch, patch_to_aligned, (size, size), flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REFLECT
+    )
 
     inside = cv2.warpAffine(
         np.full(patch.shape[:2], 255, np.uint8), patch_to_aligned, (size, size), flags=cv2.INTER_LINEAR,
@@ -430,7 +496,7 @@ def _fade_border(aligned: np.ndarray, inside: np.ndarray, size: int) -> np.ndarr
     return np.clip(np.rint(result), 0, 255).astype(np.uint8)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Pose
 
 
@@ -478,7 +544,7 @@ def estimate_pose(landmarks: np.ndarray, image_size: tuple[int, int]) -> HeadPos
     )
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # One call
 
 
@@ -498,8 +564,8 @@ def prepare_face(
     faces = detect_faces(original)
     if not faces:
         raise FaceInputError(
-            "No face was found in this photo. Please upload a clear, well-lit photo of one face looking roughly at the "
-            "camera."
+            "No face was found in this photo. Please upload a clear, well-lit photo of one face looking roughly at "
+            "the camera."
         )
     face = faces[0]
     notes = []

@@ -40,7 +40,8 @@ def _png_claiming(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    pixels = chunk(b"IDAT", zlib.compress(b"\0" * 64))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + pixels + chunk(b"IEND", b"")
 
 
 def _eyes_and_mouth(landmarks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -57,7 +58,7 @@ def _assert_upright(landmarks: np.ndarray) -> None:
     assert abs(tilt) < 15
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Intake
 
 
@@ -185,7 +186,9 @@ def test_cmyk_jpeg_is_converted_and_its_face_found():
     assert len(F.detect_faces(image)) == 1
 
 
-@pytest.mark.parametrize("orientation, stored_as", [(3, Image.ROTATE_180), (6, Image.ROTATE_90), (8, Image.ROTATE_270)])
+@pytest.mark.parametrize(
+    "orientation, stored_as", [(3, Image.ROTATE_180), (6, Image.ROTATE_90), (8, Image.ROTATE_270)]
+)
 def test_exif_rotated_photo_is_turned_upright(orientation, stored_as):
     upright = _rgb(FRONTAL)
     exif = Image.Exif()
@@ -206,7 +209,7 @@ def test_unsupported_array_dtype_is_refused():
         F.load_image(np.zeros((100, 100, 3), np.float32))
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Detection
 
 
@@ -275,7 +278,16 @@ def test_large_photos_are_detected_at_full_resolution_coordinates():
     assert np.abs((eyes_big + 0.5) / 3 - 0.5 - eyes_small).max() < 2.0
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+def test_small_face_in_a_large_photo_is_found_by_the_full_range_detector():
+    image = _rgb(FRONTAL)
+    reference = F.detect_faces(image)[0].landmarks
+    canvas = Image.new("RGB", (2500, 2000), (90, 110, 100))  # the face is under a tenth of the width
+    canvas.paste(image, (900, 700))
+    (face,) = F.detect_faces(canvas)
+    assert np.abs(face.landmarks - (reference + np.array([900, 700], np.float32))).mean() < 3
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Alignment
 
 
@@ -333,7 +345,7 @@ def test_face_partly_outside_the_photo_is_padded():
     assert far_left.std(axis=(0, 1)).max() < full.image[:, : max(cut_x - 64, 1)].std(axis=(0, 1)).max()
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Pose
 
 
