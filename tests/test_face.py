@@ -157,6 +157,14 @@ def test_sixteen_bit_grayscale_png_is_scaled_not_clipped():
     assert np.abs(array[..., 1] - gray).max() <= 1
 
 
+def test_sixteen_bit_colour_png_is_converted():
+    rgb = np.asarray(_rgb(FRONTAL))
+    ok, encoded = cv2.imencode(".png", rgb[:, :, ::-1].astype(np.uint16) * 257)  # OpenCV writes 48-bit PNGs
+    assert ok
+    array = np.asarray(F.load_image(encoded.tobytes())).astype(int)
+    assert np.abs(array - rgb).max() <= 1
+
+
 @pytest.mark.parametrize("mode", ["RGBA", "LA"])
 def test_transparency_is_composited_on_white(mode):
     image = _rgb(FRONTAL).convert(mode)
