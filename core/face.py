@@ -38,6 +38,7 @@ import torch
 from PIL import Image, ImageOps
 
 from core.nets.camera import camera_label as eg3d_camera_label
+from core.weights import default_registry
 
 DEFAULT_MAX_BYTES = 25 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 50_000_000
@@ -59,7 +60,7 @@ NOSE_TIP = 1
 MOUTH_RIGHT_CORNER = 61
 MOUTH_LEFT_CORNER = 291
 
-CANONICAL_MESH_PATH = Path(__file__).resolve().parents[1] / "weights/mediapipe_canonical/canonical_face_model.json"
+CANONICAL_MESH_MODEL = "mediapipe-canonical-face"  # registry name (checksum-verified on load)
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
 
@@ -507,7 +508,8 @@ def canonical_face_mesh() -> np.ndarray:
     """(468, 3) float64 MediaPipe canonical face model in cm (+x subject's left, +y up, +z toward the viewer)."""
     global _CANONICAL_MESH
     if _CANONICAL_MESH is None:
-        with CANONICAL_MESH_PATH.open() as file:
+        path = default_registry().resolve(CANONICAL_MESH_MODEL).path("canonical_face_model.json")
+        with path.open() as file:
             _CANONICAL_MESH = np.asarray(json.load(file)["vertices"], dtype=np.float64)
     return _CANONICAL_MESH
 
