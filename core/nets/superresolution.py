@@ -88,13 +88,13 @@ class SuperResolution(torch.nn.Module):
 
     def __init__(self, variant, channels, img_resolution, sr_num_fp16_res, sr_antialias,
                  fused_modconv_default="inference_only", **ignored_kwargs):
+        """`ignored_kwargs` (channel_base, channel_max, ... from `sr_kwargs`) are accepted and unused, as officially."""
         super().__init__()
         if variant not in SUPERRESOLUTION_SPECS:
             raise ValueError(f"unknown super-resolution module {variant!r}; known: {sorted(SUPERRESOLUTION_SPECS)}")
         spec = SUPERRESOLUTION_SPECS[variant]
         if img_resolution != spec.img_resolution:
             raise ValueError(f"{variant} produces {spec.img_resolution} px, not {img_resolution}")
-        del ignored_kwargs  # channel_base / channel_max / num_fp16_res / conv_clamp: ignored by the official modules
         self.variant = variant
         self.spec = spec
         self.input_resolution = spec.input_resolution
