@@ -82,7 +82,10 @@ _FUNCTIONS = {"brightness": _brightness, "saturation": _saturation, "contrast": 
               "translation": _translation, "cutout": _cutout}
 
 
-def augment(images: torch.Tensor, p: float, operations: tuple[str, ...] = parse_operations("color,translation,cutout")):
+DEFAULT_OPERATIONS = parse_operations("color,translation,cutout")
+
+
+def augment(images: torch.Tensor, p: float, operations: tuple[str, ...] = DEFAULT_OPERATIONS) -> torch.Tensor:
     """Apply each of `operations` (in order) to each image independently with probability `p`; differentiable.
 
     p <= 0 returns `images` unchanged (no random numbers are drawn).

@@ -48,7 +48,8 @@ class DiscriminatorBlock(torch.nn.Module):
         """x [N, in, res, res] (None for the first block), img [N, C, res, res] -> (x at res/2, img or None)."""
         device = img.device if img is not None else x.device
         dtype = block_dtype(self.use_fp16, force_fp32, device)
-        memory_format = torch.channels_last if self.channels_last and dtype == torch.float16 else torch.contiguous_format
+        channels_last = self.channels_last and dtype == torch.float16
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if x is not None:
             x = x.to(dtype=dtype, memory_format=memory_format)
         if self.in_channels == 0 or self.architecture == "skip":

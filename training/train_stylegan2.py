@@ -110,12 +110,14 @@ class TrainingImages:
         return 0 if self.labels is None else self.labels.shape[1]
 
     def to(self, device) -> "TrainingImages":
-        move = (lambda t: None if t is None else t.to(device))  # noqa: E731
+        def move(tensor):
+            return None if tensor is None else tensor.to(device)
+
         return TrainingImages(move(self.images), move(self.labels), move(self.mirrored_labels))
 
 
 def _image_chw(image) -> torch.Tensor:
-    image = torch.as_tensor(np.asarray(image))
+    image = torch.as_tensor(np.array(image))  # a writable copy
     if image.ndim == 3 and image.shape[0] not in (1, 3) and image.shape[-1] in (1, 3):
         image = image.permute(2, 0, 1)  # HWC -> CHW
     assert image.dtype == torch.uint8 and image.ndim == 3, "expected uint8 CHW or HWC images"
@@ -394,7 +396,7 @@ def _model_card(trainer: StyleGAN2Trainer, log: dict | None) -> str:
         f" every {cfg.r1_interval}, path length weight {cfg.pl_weight}, style mixing {cfg.style_mixing}, EMA"
         f" {cfg.ema_kimg} kimg (ramp-up {cfg.ema_rampup}), augmentation `{cfg.augment}` (ADA target"
         f" {cfg.ada_target}), fp16 in the {cfg.num_fp16_res} highest resolutions on GPU, seed {cfg.seed}.",
-        f"* **Iterations:** {trainer.step_count} steps, {trainer.images_seen / 1000:.1f} kimg; final augment p"
+        f"* **Iterations:** {trainer.step_count} steps, {trainer.images_seen / 1000:.2f} kimg; final augment p"
         f" {trainer.ada.p:.3f}.",
         f"* **Last training log line:** `{json.dumps(log) if log else 'n/a'}`",
         "* **Quality metrics:** not measured by the trainer; add them from `training.eval`.",
@@ -512,6 +514,10 @@ def main(argv: list[str] | None = None) -> None:
         record = train(trainer, args.run, deadline, max_steps=args.steps, max_kimg=args.kimg,
                        log_every=args.log_every, compact=not args.exact_checkpoint)
     if args.export:
+        log_path = Path(args.run) / LOG_FILE
+        if record is None and log_path.exists():
+            lines = log_path.read_text().splitlines()
+            record = json.loads(lines[-1]) if lines else None
         trainer.export(args.export, record)
         print(f"exported G_ema to {args.export}", flush=True)
 
