@@ -101,7 +101,7 @@ class MappingNetwork(torch.nn.Module):
     """z (+ embedded c) -> w, broadcast to `num_ws` copies, with truncation toward `w_avg`."""
 
     def __init__(self, z_dim, c_dim, w_dim, num_ws, num_layers=8, embed_features=None, layer_features=None,
-                 activation="lrelu", lr_multiplier=0.01, w_avg_beta=0.995):
+                 activation="lrelu", last_activation=None, lr_multiplier=0.01, w_avg_beta=0.995):
         super().__init__()
         self.z_dim = z_dim
         self.c_dim = c_dim
@@ -119,7 +119,9 @@ class MappingNetwork(torch.nn.Module):
         if c_dim > 0:
             self.embed = FullyConnectedLayer(c_dim, embed_features)
         for idx in range(num_layers):
-            layer = FullyConnectedLayer(features[idx], features[idx + 1], activation=activation,
+            is_last = idx == num_layers - 1
+            layer = FullyConnectedLayer(features[idx], features[idx + 1],
+                                        activation=last_activation if is_last and last_activation else activation,
                                         lr_multiplier=lr_multiplier)
             setattr(self, f"fc{idx}", layer)
         if num_ws is not None and w_avg_beta is not None:

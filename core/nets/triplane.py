@@ -138,9 +138,7 @@ class TriPlaneGenerator(torch.nn.Module):
                 self.bcg_synthesis = SynthesisNetwork(w_dim=w_dim, img_resolution=self.superresolution.input_resolution,
                                                       img_channels=PLANE_FEATURES, **bcg_kwargs)
             self.t_mapping = MappingNetwork(z_dim=z_dim, c_dim=c_dim, w_dim=3, num_ws=1, lr_multiplier=1.0,
-                                            **mapping_kwargs)
-            # PanoHead builds this network with last_activation='linear': its last layer has no lrelu.
-            getattr(self.t_mapping, f"fc{self.t_mapping.num_layers - 1}").activation = "linear"
+                                            last_activation="linear", **mapping_kwargs)
 
     # ----------------------------------------------------------------------------------------------- latents
     def _conditioning(self, c: torch.Tensor) -> torch.Tensor:
