@@ -1,0 +1,138 @@
+"""training.eval: metric functions and the ``python -m training.eval`` CLI."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from core.identity import IdentityEncoder
+from training.eval import faces
+from training.eval.__main__ import main as eval_cli
+from training.eval.metrics import frechet_distance, mask_iou, pairwise_cosine, pose_error, psnr
+
+torch.set_num_threads(2)
+
+FACES = sorted((Path(__file__).resolve().parent / "fixtures" / "faces").glob("*.jpg"))
+TINY = {"stem_channels": 4, "stages": [[4, 1, False], [8, 1, True]], "embedding_dim": 8}
+
+
+def test_frechet_distance_of_a_set_with_itself_is_zero_and_is_symmetric():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(200, 16))
+    b = rng.normal(size=(150, 16)) * 1.5 + 0.3
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-8)
+    assert frechet_distance(a, b) == pytest.approx(frechet_distance(b, a), rel=1e-8)
+    assert frechet_distance(a, b) > 1.0
+
+
+def test_frechet_distance_matches_closed_forms():
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(300, 8))
+    shift = np.arange(8.0)
+    # same covariance: only the mean term remains
+    assert frechet_distance(a, a + shift) == pytest.approx(float(shift @ shift), rel=1e-8)
+    # b = 2a: covariances C and 4C give tr(C + 4C - 2 * 2C) = tr(C); means differ by mean(a)
+    expected = float(np.sum(a.mean(axis=0) ** 2) + np.trace(np.cov(a, rowvar=False)))
+    assert frechet_distance(a, 2 * a) == pytest.approx(expected, rel=1e-6)
+
+
+def test_frechet_distance_rejects_bad_shapes():
+    with pytest.raises(ValueError):
+        frechet_distance(np.zeros((5, 3)), np.zeros((5, 4)))
+    with pytest.raises(ValueError):
+        frechet_distance(np.zeros((1, 3)), np.zeros((5, 3)))
+
+
+def test_pairwise_cosine():
+    a = np.array([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0]])
+    b = np.array([[2.0, 0.0], [1.0, 0.0], [-1.0, -1.0]])
+    np.testing.assert_allclose(pairwise_cosine(a, b), [1.0, 0.0, -1.0], atol=1e-12)
+    with pytest.raises(ValueError):
+        pairwise_cosine(a, b[:2])
+
+
+def test_pose_error_averages_absolute_differences_and_wraps_angles():
+    a = np.array([[10.0, 0.0, 179.0], [-20.0, 5.0, 0.0]])
+    b = np.array([[0.0, 0.0, -179.0], [-10.0, -5.0, 0.0]])
+    error = pose_error(a, b)
+    assert error["yaw"] == pytest.approx(10.0)
+    assert error["pitch"] == pytest.approx(5.0)
+    assert error["roll"] == pytest.approx(1.0)
+    assert error["mean"] == pytest.approx(16.0 / 3)
+    assert pose_error(a, a)["mean"] == 0.0
+
+
+def test_mask_iou_cases():
+    empty = np.zeros((4, 4), bool)
+    left = empty.copy()
+    left[:, :2] = True
+    middle = empty.copy()
+    middle[:, 1:3] = True
+    assert mask_iou(left, left) == 1.0
+    assert mask_iou(left, ~left) == 0.0
+    assert mask_iou(left, middle) == pytest.approx(1 / 3)
+    assert mask_iou(empty, empty) == 1.0
+    assert mask_iou(empty, left) == 0.0
+    with pytest.raises(ValueError):
+        mask_iou(left, left[:2])
+
+
+def test_psnr():
+    image = np.random.default_rng(0).integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
+    assert psnr(image, image) == math.inf
+    zeros, ones = np.zeros((4, 4)), np.ones((4, 4))
+    assert psnr(zeros, ones) == pytest.approx(20 * math.log10(255.0))
+    assert psnr(zeros, ones * 0.1, data_range=1.0) == pytest.approx(20.0)
+    assert psnr(image, 255 - image) < psnr(image, np.clip(image.astype(int) + 1, 0, 255))
+
+
+def test_identity_metrics_on_aligned_crops_with_a_tiny_encoder():
+    torch.manual_seed(0)
+    encoder = IdentityEncoder(TINY).eval()
+    rng = np.random.default_rng(0)
+    crops = [rng.integers(0, 256, size=(64, 64, 3), dtype=np.uint8) for _ in range(5)]
+    others = [rng.integers(0, 128, size=(64, 64, 3), dtype=np.uint8) for _ in range(5)]
+    embeddings = faces.embed_aligned_faces(crops, encoder, batch_size=2)
+    assert embeddings.shape == (5, 8)
+    np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(faces.identity_similarity(crops, crops, encoder), 1.0, atol=1e-5)
+    assert faces.frechet_identity_distance(crops, crops, encoder) == pytest.approx(0.0, abs=1e-8)
+    assert faces.frechet_identity_distance(crops, others, encoder) > 0.0
+
+
+def test_landmark_pose_error_sees_an_in_plane_rotation_as_roll():
+    from core.face import detect_faces, load_image
+
+    image = load_image(FACES[0])
+    landmarks = detect_faces(image)[0].landmarks.astype(np.float64)
+    angle = math.radians(10.0)
+    rotation = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+    center = landmarks.mean(axis=0)
+    rotated = (landmarks - center) @ rotation.T + center
+    assert faces.landmark_pose_error([landmarks], [landmarks], image.size)["mean"] == 0.0
+    error = faces.landmark_pose_error([landmarks], [rotated], image.size)
+    assert error["roll"] == pytest.approx(10.0, abs=1.5)
+    assert error["yaw"] < 3.0 and error["pitch"] < 3.0
+
+
+def test_cli_detect_identity_and_pose(tmp_path, capsys):
+    shutil.copy(FACES[1], tmp_path / "face.jpg")
+    Image.new("RGB", (128, 128), (90, 120, 150)).save(tmp_path / "blank.png")
+    assert eval_cli(["detect", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.startswith("0.5000")
+
+    assert eval_cli(["identity", str(FACES[1]), str(FACES[1])]) == 0
+    assert float(capsys.readouterr().out) == pytest.approx(1.0, abs=1e-4)
+
+    assert eval_cli(["pose", str(FACES[1])]) == 0
+    words = capsys.readouterr().out.split()
+    assert words[0::2] == ["yaw", "pitch", "roll"] and all(abs(float(v)) < 90 for v in words[1::2])
+
+    assert eval_cli(["identity", str(FACES[1]), str(tmp_path / "blank.png")]) == 1
+    assert "No face" in capsys.readouterr().err
