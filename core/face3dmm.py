@@ -94,11 +94,6 @@ class FaceParams:
         identity, expression, rotation, translation, scale, sh = torch.split(vector.float(), sizes)
         return cls(identity, expression, rotation, translation, scale.reshape(()), sh.reshape(3, SH_COEFFICIENTS))
 
-    def detach(self) -> FaceParams:
-        """A copy with every tensor detached from autograd."""
-        return FaceParams(*(t.detach().clone() for t in (self.identity, self.expression, self.rotation,
-                                                         self.translation, self.scale, self.sh)))  # fmt: skip
-
 
 def default_sh() -> torch.Tensor:
     """Neutral grey light: ambient plus a soft light from above the camera."""
@@ -286,7 +281,7 @@ class FaceModel:
         landmarks: np.ndarray | torch.Tensor,
         height: int,
         width: int,
-        iterations: int = 300,
+        iterations: int = 200,
         identity_weight: float = 1e-3,
         expression_weight: float = 1e-3,
     ) -> FaceParams:
@@ -294,7 +289,24 @@ class FaceModel:
 
         Weak-perspective camera; Adam on the landmark residual (in units of the face size) with L2 priors on identity
         and expression, expression projected onto [0, 1] after each step. Lighting is left at its default.
+        The tensors are tiny, so the loop runs on one thread (several threads only add overhead and contention).
         """
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return self._fit_landmarks(landmarks, height, width, iterations, identity_weight, expression_weight)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _fit_landmarks(
+        self,
+        landmarks: np.ndarray | torch.Tensor,
+        height: int,
+        width: int,
+        iterations: int,
+        identity_weight: float,
+        expression_weight: float,
+    ) -> FaceParams:
         target = torch.as_tensor(np.asarray(landmarks)[:, :2], dtype=torch.float32)
         count = target.shape[0]
         if count not in (468, 478):
@@ -371,8 +383,7 @@ class FaceModel:
             covered, normals, region = self._rasterize_params(params, height, width)
             shaded = (sh_basis(normals) @ params.sh.float().T).clamp(0, 1) * covered[..., None]
             normal_map = (normals + 1) / 2 * covered[..., None]
-        to_uint8 = lambda image: (image * 255).round().byte().numpy()  # noqa: E731
-        return FaceRender(to_uint8(shaded), to_uint8(normal_map), covered.numpy(), region.numpy())
+        return FaceRender(_to_uint8(shaded), _to_uint8(normal_map), covered.numpy(), region.numpy())
 
     def fit_lighting(
         self, image: np.ndarray, params: FaceParams, max_side: int = 256, ridge: float = 1e-3
@@ -417,6 +428,10 @@ class FaceModel:
             normals = vertex_normals(vertices, self.triangles) @ rotation_matrix(params.rotation).T
             colours = (sh_basis(normals) @ params.sh.float().T).clamp(0, 1)
         return export_glb(path, vertices.numpy(), self.triangles.numpy(), colours.numpy(), metadata=metadata)
+
+
+def _to_uint8(image: torch.Tensor) -> np.ndarray:
+    return (image * 255).round().byte().numpy()
 
 
 @lru_cache(maxsize=1)
