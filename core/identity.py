@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
@@ -144,7 +145,5 @@ def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def image_to_tensor(image: Any) -> torch.Tensor:
     """An HxWx3 uint8 array or PIL image -> 1 x 3 x H x W float tensor in [-1, 1]."""
-    import numpy as np
-
     array = np.asarray(image, dtype=np.uint8)
     return torch.from_numpy(array.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1.0

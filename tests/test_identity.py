@@ -39,6 +39,9 @@ def test_inputs_of_another_size_are_resized_and_aligned_crops_are_cut_to_the_chi
     # a chip covering the whole aligned crop at the input size is the crop itself
     torch.testing.assert_close(model.chip_from_aligned(image), image, atol=1e-4, rtol=0)
     assert model.chip_from_aligned(torch.zeros(2, 3, 512, 512)).shape == (2, 3, 150, 150)
+    aligned = torch.zeros(1, 3, 256, 256, requires_grad=True)
+    model.embed_aligned(aligned).sum().backward()
+    assert aligned.grad.abs().sum() > 0
     assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 16)
 
 
