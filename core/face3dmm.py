@@ -256,7 +256,7 @@ class FaceModel:
         return FaceParams.neutral(self.num_identity)
 
     def vertices(self, identity: torch.Tensor, expression: torch.Tensor) -> torch.Tensor:
-        """Model-frame vertices [..., V, 3] (cm) = neutral + identity modes + expression blendshapes; differentiable."""
+        """Model-frame vertices [..., V, 3] (cm): neutral + identity modes + expression blendshapes; differentiable."""
         shape = self.neutral.shape
         offsets = identity @ self.identity_basis.reshape(self.num_identity, -1)
         offsets = offsets + expression @ self.expression_basis.reshape(NUM_EXPRESSIONS, -1)

@@ -99,8 +99,14 @@ def test_vertices_are_differentiable_and_batched(model):
 
 
 def test_params_vector_round_trip():
-    params = FaceParams(identity=torch.randn(7), expression=torch.rand(53), rotation=torch.tensor([10.0, -5, 2]),
-                        translation=torch.tensor([0.1, -0.2]), scale=torch.tensor(0.09), sh=torch.randn(3, 9))  # fmt: skip
+    params = FaceParams(
+        identity=torch.randn(7),
+        expression=torch.rand(53),
+        rotation=torch.tensor([10.0, -5, 2]),
+        translation=torch.tensor([0.1, -0.2]),
+        scale=torch.tensor(0.09),
+        sh=torch.randn(3, 9),
+    )
     vector = params.to_vector()
     assert vector.shape == (FaceParams.vector_size(7),)
     again = FaceParams.from_vector(vector, 7)

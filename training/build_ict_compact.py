@@ -284,8 +284,8 @@ Creative Technologies), used at runtime by `core/face3dmm.py`. Built by `python 
 | tensor | shape | meaning |
 |---|---|---|
 | `neutral` | [{config["num_vertices"]}, 3] | mean shape, cm |
-| `identity_basis` | [{config["num_identity"]}, {config["num_vertices"]}, 3] | leading identity PCA modes, scaled by their \
-standard deviation (coefficients ~ N(0, 1)) |
+| `identity_basis` | [{config["num_identity"]}, {config["num_vertices"]}, 3] | leading identity PCA modes, scaled by \
+their standard deviation (coefficients ~ N(0, 1)) |
 | `expression_basis` | [53, {config["num_vertices"]}, 3] | the 53 ARKit-style blendshapes (weights in [0, 1]), \
 order in `config.json` |
 | `triangles` | [{config["num_triangles"]}, 3] int32 | counter-clockwise seen from outside |
