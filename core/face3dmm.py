@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import load_file
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "weights" / "ict_facekit"
+REGISTRY_NAME = "ict-facekit-compact"
 
 EXPRESSION_NAMES: tuple[str, ...] = (
     "browDown_L", "browDown_R", "browInnerUp_L", "browInnerUp_R", "browOuterUp_L", "browOuterUp_R",
@@ -436,5 +437,7 @@ def _to_uint8(image: torch.Tensor) -> np.ndarray:
 
 @lru_cache(maxsize=1)
 def load_face_model() -> FaceModel:
-    """The bundled compact ICT-FaceKit model, loaded once."""
-    return FaceModel.load(DEFAULT_MODEL_DIR)
+    """The registry's compact ICT-FaceKit model (checksum-verified), loaded once."""
+    from core.weights import default_registry
+
+    return FaceModel.load(default_registry().resolve(REGISTRY_NAME).directory)
