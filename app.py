@@ -14,6 +14,7 @@ import gradio as gr  # noqa: E402
 from core.methods import METHODS  # noqa: E402
 from core.runtime import Runtime  # noqa: E402
 from tabs import METHOD_TABS, about  # noqa: E402
+from tabs.common import MAX_UPLOAD_SIZE  # noqa: E402
 
 TITLE = "Face generation demo suite"
 DESCRIPTION = (
@@ -42,4 +43,4 @@ def build_demo(runtime: Runtime) -> gr.Blocks:
 
 
 if __name__ == "__main__":
-    build_demo(Runtime()).queue(max_size=QUEUE_MAX_SIZE).launch()
+    build_demo(Runtime()).queue(max_size=QUEUE_MAX_SIZE).launch(max_file_size=MAX_UPLOAD_SIZE)

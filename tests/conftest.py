@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+# One temporary Gradio folder for the whole run: a launched app reads it on every request, so it must not change.
+os.environ["GRADIO_TEMP_DIR"] = tempfile.mkdtemp(prefix="gradio-tests-")
 
 import pytest  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = REPO_ROOT / "tests" / "fixtures"
 SHARED = REPO_ROOT.parent / "shared"
-
-
-@pytest.fixture(autouse=True)
-def _gradio_temp_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
 
 
 @pytest.fixture(scope="session")
@@ -29,9 +27,11 @@ def app_client(tmp_path_factory):
     from app import build_demo
     from core.runtime import Runtime
 
-    os.environ["GRADIO_TEMP_DIR"] = str(tmp_path_factory.mktemp("gradio-app"))
+    from tabs.common import MAX_UPLOAD_SIZE
+
     demo = build_demo(Runtime("cpu")).queue(max_size=8)
-    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True,
+                            max_file_size=MAX_UPLOAD_SIZE)
     client = Client(url, download_files=str(tmp_path_factory.mktemp("downloads")), verbose=False)
     yield client
     client.close()
