@@ -169,8 +169,8 @@ def write_card(out_dir: Path, card_path: Path, sheet_path: Path, command: str) -
             "",
             "3DMM vector layout (`core.face3dmm.FaceParams.to_vector`): "
             f"identity {layout['identity']}, expression 53, rotation (yaw, pitch, roll in degrees, face3dmm "
-            "convention), translation (u, v), scale, SH 3x9; fitted to the 256-px crop's landmarks "
-            f"({report.get('face3dmm_iterations', 'default')} Adam steps) and colours. "
+            "convention), translation (u, v), scale, SH 3x9; fitted to the 256-px crop's landmarks and colours with "
+            "`FaceModel.fit_landmarks` and `fit_lighting` at their defaults. "
             f"Identity under flip: {layout['identity_mirror']}.",
         ]
     lines += ["", "## Beauty scores", "", "MEBeauty mean attractiveness rating (1-10):", ""]
@@ -179,9 +179,12 @@ def write_card(out_dir: Path, card_path: Path, sheet_path: Path, command: str) -
         "",
         "## Duplicates",
         "",
-        f"Byte-identical photos are removed by SHA-256 before processing; near-duplicates by a 64-bit DCT hash of "
-        f"the aligned 128-px crop (at most {report.get('near_duplicate_bits', 4)} differing bits). The copy kept is "
-        "the scored one, then the most held-out split, then the first name.",
+        "Byte-identical photos are removed by SHA-256 before processing. Near-duplicates (the same photo re-cropped, "
+        "resized or re-encoded, often under another name or group folder): pairs of aligned 128-px crops whose "
+        f"64-bit DCT hashes differ in at most {report['near_duplicate_bits']} bits and whose 64-px grey crops "
+        f"correlate at >= {report['near_duplicate_correlation']} (best over 4-px shifts). The copy kept is the "
+        "scored one, then the most held-out split, then the first name. Consecutive shots of one person in one "
+        "session are not caught (MEBeauty has no person ids).",
         "",
         "## Contact sheet",
         "",
