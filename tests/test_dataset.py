@@ -23,6 +23,7 @@ GROUP = "mebeauty/female/caucasian"
 MIRRORED_OF = "sebastian-pociecha-9AdKSLh2320-unsplash.jpg"
 SCORED = "emma-valerio-Hz_hQrk9hQ8-unsplash.jpg"
 SCORE = 6.25
+HELD_OUT = "derek-owens-YCbJCM249KE-unsplash.jpg"
 
 
 def _make_shared(root: Path) -> Path:
@@ -52,9 +53,12 @@ def built(tmp_path_factory):
     """Two builds of the miniature set (2 worker processes, then 1) and the first one's folder."""
     root = tmp_path_factory.mktemp("dataset")
     shared = _make_shared(root / "shared")
+    held_out = root / "held_out"
+    held_out.mkdir()
+    shutil.copyfile(FACES / HELD_OUT, held_out / "any-name.jpg")
     first, second = root / "first", root / "second"
-    build(shared, first, workers=2, card=first / "DATASET.md")
-    build(shared, second, workers=1, card=None)
+    build(shared, first, workers=2, card=first / "DATASET.md", hold_out=held_out)
+    build(shared, second, workers=1, card=None, hold_out=held_out)
     return first, second
 
 
@@ -180,6 +184,7 @@ def test_loader_round_trip(built):
     scored = everything.names.index(f"{GROUP}/{SCORED}")
     assert everything.beauty[scored] == pytest.approx(SCORE)
     assert everything.sample(scored)["split"] == "train"
+    assert everything.sample(everything.names.index(f"{GROUP}/{HELD_OUT}"))["split"] == "test"
     assert np.isnan(np.delete(everything.beauty, scored)).all()
     assert everything.face3dmm.shape == (len(everything), everything.metadata["face3dmm_layout"]["identity"] + 86)
     assert np.isfinite(everything.face3dmm).all()

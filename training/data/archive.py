@@ -100,11 +100,11 @@ class FaceArchive:
 
     def image(self, i: int) -> np.ndarray:
         """(size, size, 3) uint8 RGB crop of sample i."""
-        return np.asarray(Image.open(io.BytesIO(self._blob("image", i))).convert("RGB"))
+        return np.array(Image.open(io.BytesIO(self._blob("image", i))).convert("RGB"))
 
     def mask(self, i: int) -> np.ndarray:
         """(size, size) uint8 label map of sample i (values index `class_names`)."""
-        return np.asarray(Image.open(io.BytesIO(self._blob("mask", i))))
+        return np.array(Image.open(io.BytesIO(self._blob("mask", i))))
 
     def sample(self, i: int, flip: bool = False) -> dict:
         """Image, mask and every label of sample i as NumPy values; `flip=True` mirrors all of them consistently."""

@@ -175,10 +175,12 @@ def _pool_map(function, items: list, workers: int, label: str) -> list:
     return results
 
 
-def build_images(shared: Path, out_dir: Path, workers: int = 2, limit: int | None = None) -> dict:
+def build_images(
+    shared: Path, out_dir: Path, workers: int = 2, limit: int | None = None, hold_out: Path | None = None
+) -> dict:
     """Stage `images`: writes both archives and `build_report.json`; returns the report."""
     started = time.monotonic()
-    sources, skipped = collect_images(Path(shared), limit)
+    sources, skipped = collect_images(Path(shared), limit, hold_out)
     print(f"{len(sources)} source images ({len(skipped)} byte-identical copies removed)", flush=True)
     by_name = {image.name: image for image in sources}
     processed = _pool_map(process_image, sources, workers, "images")
@@ -304,13 +306,14 @@ def build(
     limit: int | None = None,
     card: Path | None = DEFAULT_CARD,
     contact_sheet: Path | None = None,
+    hold_out: Path | None = None,
 ) -> dict:
     """Run a stage (or all) and rewrite the dataset card; returns the build report."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     report = {}
     if stage in ("all", "images"):
-        report = build_images(shared, out_dir, workers, limit)
+        report = build_images(shared, out_dir, workers, limit, hold_out)
     if stage in ("all", "3dmm"):
         report = build_face3dmm(out_dir, workers)
     if card is not None:
@@ -329,10 +332,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--limit", type=int, default=None, help="only the first N images of each source (trials)")
     parser.add_argument("--card", type=Path, default=DEFAULT_CARD, help="dataset card path ('-' for none)")
+    parser.add_argument("--hold-out", type=Path, default=None, help="photos identical to images here go to test")
     args = parser.parse_args(argv)
     card = None if str(args.card) == "-" else args.card
     started = time.monotonic()
-    report = build(args.shared, args.out, args.stage, args.workers, args.limit, card)
+    report = build(args.shared, args.out, args.stage, args.workers, args.limit, card, hold_out=args.hold_out)
     print(json.dumps({k: v for k, v in report.items() if k != "skipped"}), f"total {time.monotonic() - started:.0f} s")
 
 

@@ -173,6 +173,13 @@ def write_card(out_dir: Path, card_path: Path, sheet_path: Path, command: str) -
             "`FaceModel.fit_landmarks` and `fit_lighting` at their defaults. "
             f"Identity under flip: {layout['identity_mirror']}.",
         ]
+    lines += [
+        "",
+        "Flip augmentation: `FaceArchive.sample(i, flip=True)` and `torch_dataset(flip_probability=...)` mirror the "
+        "image, mask, landmarks (re-indexed left/right), yaw/roll, camera and 3DMM vector together; the rules are in "
+        "`training/data/flip.py`. The 128-px archive has no landmarks (size budget); the 128-px crop uses the same "
+        "square as the 256-px one, so its landmarks are `(landmarks_256 + 0.5) / 2 - 0.5`.",
+    ]
     lines += ["", "## Beauty scores", "", "MEBeauty mean attractiveness rating (1-10):", ""]
     lines += _histogram(small.beauty, list(range(1, 11)), "")
     lines += [

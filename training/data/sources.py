@@ -7,13 +7,15 @@ Splits
   only where the 2022 lists have none) and their split from a hash of the relative path.
 * CelebA999 has no identities in this copy: the split is a hash of the file name.
 * Hash split: the first 8 bytes of sha256(name) modulo 100: < 80 train, < 90 val, else test.
+* Held out: photos byte-identical to an image in the `hold_out` folder (e.g. the test fixtures, which are MEBeauty
+  originals) go to the test split whatever their source split.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 SPLITS = ("train", "val", "test")
@@ -116,15 +118,21 @@ def keep_priority(image: SourceImage) -> tuple:
     return (image.beauty is None, -SPLITS.index(image.split), SOURCES.index(image.source), image.name)
 
 
-def collect_images(shared_data: Path, limit: int | None = None) -> tuple[list[SourceImage], list[tuple[str, str]]]:
+def collect_images(
+    shared_data: Path, limit: int | None = None, hold_out: Path | None = None
+) -> tuple[list[SourceImage], list[tuple[str, str]]]:
     """All source images with byte-identical copies removed, and (name, reason) for each removed copy.
 
-    `limit` keeps only the first images of each source (quick trial builds).
+    `limit` keeps only the first images of each source (quick trial builds); photos byte-identical to an image under
+    `hold_out` are put in the test split.
     """
     images = []
     for source, lister in (("mebeauty", mebeauty_images), ("celeba999", celeba_images)):
         found = lister(shared_data / source) if (shared_data / source).is_dir() else []
         images += found[:limit] if limit else found
+    if hold_out is not None:
+        held = {_sha256(path) for path in _images_under(Path(hold_out)).values()}
+        images = [replace(image, split="test") if image.sha256 in held else image for image in images]
     kept: dict[str, SourceImage] = {}
     skipped = []
     for image in sorted(images, key=keep_priority):
