@@ -1,0 +1,412 @@
+"""Train the Latents2Semantics autoencoder (`core.nets.l2sae.L2SAE`) in resumable chunks.
+
+    python -m training.train_l2sae --data datasets/faces128.npz --run runs/l2sae --minutes 9
+    python -m training.train_l2sae --run runs/l2sae --minutes 0 --export weights/l2sae_faces128
+
+Each step (batch of train-split crops x, x-flipped with probability 0.5 together with their region label maps m):
+* reconstruction x_rec = G(S, s) with (S, s) = E(x): L1 + `identity_weight` * (1 - cos) of the identity network's
+  embeddings (`core.identity`, registry `identity-resnet`, frozen);
+* mask supervision: cross-entropy of the per-region mask logits (one shared head per structure slice) against m;
+* style swap x_swap = G(S, s of another image in the batch);
+* region edit: a random region r per sample, Gaussian direction, strength ~ U(0.5, 1.5) through the Style
+  Manipulation Network, x_edit = G(S, s'); `locality_weight` * mean |x_edit - x_rec| outside r's dilated label
+  mask, `edit_weight` * hinge(`edit_margin` - mean |x_edit - x_rec| inside r), and the blend
+  m_r * x_edit + (1 - m_r) * x (what the demo shows);
+* adversarial: the non-saturating logistic loss on x_rec, x_swap and the blend against a StyleGAN2 discriminator
+  (`training.discriminator`) with lazy R1 and the ADA-driven augmentation of `training.augment`.
+
+The run folder is flat (`training.resumable`): `state.json` + `tensors-*.safetensors` (the L2SAE and D in float16,
+Adam moments in bfloat16), `log.jsonl` and `samples.png` (rows: input, reconstruction, predicted regions, a hair
+edit, a swap). The stored config wins when a run resumes. Float32 everywhere (TF32 on CUDA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import save_file
+
+from core.identity import IdentityEncoder
+from core.nets import CONFIG_FILE, WEIGHTS_FILE
+from core.nets.l2sae import DATASET_REGIONS, L2SAE, L2SAEConfig, parameter_count
+from core.weights import default_registry
+from training.augment import AdaptiveProbability, augment, parse_operations
+from training.discriminator import Discriminator
+from training.resumable import STATE_FILE, Deadline, load_checkpoint, save_checkpoint
+
+LOG_FILE = "log.jsonl"
+SAMPLES_FILE = "samples.png"
+CARD_FILE = "README.md"
+IDENTITY_MODEL = "identity-resnet"
+SAMPLE_COUNT = 8
+REGION_COLOURS = np.array([[0, 0, 0], [230, 180, 150], [90, 60, 30], [40, 120, 255], [250, 220, 0], [220, 30, 60],
+                           [120, 0, 60], [150, 90, 40], [60, 200, 120]], dtype=np.uint8)
+
+
+@dataclass
+class TrainConfig:
+    """Architecture and recipe of a run (stored in the checkpoint; defaults are the 128-px config)."""
+
+    model: dict[str, Any] = field(default_factory=lambda: L2SAEConfig().to_dict())
+    d_channel_base: int = 8192
+    d_channel_max: int = 128
+    mbstd_group: int = 4
+    batch: int = 16
+    lr: float = 0.002
+    lr_d: float = 0.002
+    l1_weight: float = 1.0
+    identity_weight: float = 0.3
+    mask_weight: float = 1.0
+    adversarial_weight: float = 0.1
+    locality_weight: float = 1.0
+    edit_weight: float = 0.5
+    edit_margin: float = 0.1
+    locality_dilation: int = 3
+    r1_gamma: float = 1.0
+    r1_interval: int = 16
+    augment: str = "color,translation,cutout"
+    ada_target: float = 0.6
+    ada_interval: int = 4
+    ada_kimg: float = 100.0
+    seed: int = 0
+    data: str | None = None
+    split: str = "train"
+
+    def discriminator_kwargs(self) -> dict[str, Any]:
+        return dict(c_dim=0, img_resolution=self.model["resolution"], img_channels=3,
+                    channel_base=self.d_channel_base, channel_max=self.d_channel_max,
+                    epilogue_kwargs=dict(mbstd_group_size=self.mbstd_group))
+
+
+@dataclass
+class FaceCrops:
+    """uint8 images [N, 3, S, S] and uint8 region label maps [N, S, S] in memory."""
+
+    images: torch.Tensor
+    masks: torch.Tensor
+
+    def to(self, device) -> "FaceCrops":
+        return FaceCrops(self.images.to(device), self.masks.to(device))
+
+
+def crops_from_archive(path: str | Path, split: str = "train") -> FaceCrops:
+    """Decode an archive split (`training.data.archive`); checks its classes are the model's regions."""
+    from training.data.archive import load_archive
+
+    archive = load_archive(path, split=split)
+    if tuple(archive.class_names) != DATASET_REGIONS:
+        raise ValueError(f"archive classes {archive.class_names} differ from {DATASET_REGIONS}")
+    images = torch.stack([torch.from_numpy(archive.image(i)).permute(2, 0, 1) for i in range(len(archive))])
+    masks = torch.stack([torch.from_numpy(archive.mask(i)) for i in range(len(archive))])
+    return FaceCrops(images, masks)
+
+
+def load_identity_encoder(device: torch.device) -> IdentityEncoder:
+    directory = default_registry().resolve(IDENTITY_MODEL).directory
+    return IdentityEncoder.from_pretrained(directory, device=device).requires_grad_(False)
+
+
+def _nan_to_num_grads(module: torch.nn.Module) -> None:
+    for parameter in module.parameters():
+        if parameter.grad is not None:
+            torch.nan_to_num_(parameter.grad, nan=0, posinf=1e5, neginf=-1e5)
+
+
+class L2SAETrainer:
+    """The L2SAE, its discriminator, optimizers and training state; `step()` runs one L2SAE and one D update."""
+
+    def __init__(self, config: TrainConfig, data: FaceCrops | None, device: str | torch.device = "cpu",
+                 identity: IdentityEncoder | None = None):
+        self.config = config
+        self.device = torch.device(device)
+        self.data = data.to(self.device) if data is not None else None
+        torch.manual_seed(config.seed)
+        self.model = L2SAE.from_config(config.model).train().to(self.device)
+        self.D = Discriminator(**config.discriminator_kwargs()).train().to(self.device)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=config.lr, betas=(0.0, 0.99), eps=1e-8)
+        self.opt_D = torch.optim.Adam(self.D.parameters(), lr=config.lr_d, betas=(0.0, 0.99), eps=1e-8)
+        self.identity = identity
+        if self.identity is None and config.identity_weight > 0 and data is not None:
+            self.identity = load_identity_encoder(self.device)
+        self.ada = AdaptiveProbability(0.0, config.ada_target, config.ada_kimg)
+        self.operations = parse_operations(config.augment)
+        self.step_count = 0
+
+    def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images in [-1, 1] and int64 label maps; the draw depends only on (seed, step) so resuming keeps it."""
+        generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.step_count)
+        index = torch.randint(self.data.images.shape[0], [self.config.batch], generator=generator).to(self.device)
+        mirror = (torch.rand([self.config.batch], generator=generator) < 0.5).to(self.device)
+        images = self.data.images[index].float() / 127.5 - 1
+        masks = self.data.masks[index].long()
+        images = torch.where(mirror.reshape(-1, 1, 1, 1), images.flip(-1), images)
+        masks = torch.where(mirror.reshape(-1, 1, 1), masks.flip(-1), masks)
+        return images, masks
+
+    def _discriminate(self, images: torch.Tensor) -> torch.Tensor:
+        return self.D(augment(images, self.ada.p, self.operations), None)
+
+    def _edit(self, structure, style, masks):
+        """Random-region edit: (x_edit, region one-hot label mask [N, 1, H, W] float)."""
+        n = style.shape[0]
+        regions = torch.randint(len(self.model.regions), [n], device=self.device)
+        strength = torch.rand([n], device=self.device) + 0.5
+        edited_style = self.model.edit_style(style, torch.randn_like(style), regions, strength)
+        region_masks = (masks == regions.reshape(-1, 1, 1)).unsqueeze(1).float()
+        return self.model.decode(structure, edited_style), region_masks
+
+    def step(self) -> dict[str, torch.Tensor]:
+        """One L2SAE update and one D update (+ R1 every `r1_interval` steps); returns detached scalar stats."""
+        cfg = self.config
+        images, masks = self._batch()
+        stats: dict[str, torch.Tensor] = {}
+
+        self.model.requires_grad_(True)
+        self.D.requires_grad_(False)
+        self.opt.zero_grad(set_to_none=True)
+        structure, style = self.model.encode(images)
+        reconstruction = self.model.decode(structure, style)
+        swapped = self.model.decode(structure, style.roll(1, dims=0))
+        edited, region_masks = self._edit(structure, style, masks)
+        blended = region_masks * edited + (1 - region_masks) * images
+        stats["l1"] = (reconstruction - images).abs().mean()
+        stats["mask_ce"] = F.cross_entropy(self.model.mask_logits(structure), masks)
+        kernel = 2 * cfg.locality_dilation + 1
+        outside = 1 - F.max_pool2d(region_masks, kernel, stride=1, padding=cfg.locality_dilation)
+        change = (edited - reconstruction.detach()).abs().mean(dim=1, keepdim=True)
+        stats["locality"] = (change * outside).sum() / outside.sum().clamp(min=1)
+        inside = (change * region_masks).sum(dim=[1, 2, 3]) / region_masks.sum(dim=[1, 2, 3]).clamp(min=1)
+        stats["edit_hinge"] = F.relu(cfg.edit_margin - inside).mean()
+        fakes = torch.cat([reconstruction, swapped, blended])
+        stats["loss_adv"] = F.softplus(-self._discriminate(fakes)).mean()
+        loss = (cfg.l1_weight * stats["l1"] + cfg.mask_weight * stats["mask_ce"]
+                + cfg.locality_weight * stats["locality"] + cfg.edit_weight * stats["edit_hinge"]
+                + cfg.adversarial_weight * stats["loss_adv"])
+        if self.identity is not None and cfg.identity_weight > 0:
+            similarity = F.cosine_similarity(self.identity.embed_aligned(reconstruction),
+                                             self.identity.embed_aligned(images), dim=1)
+            stats["identity_cos"] = similarity.mean()
+            loss = loss + cfg.identity_weight * (1 - similarity).mean()
+        loss.backward()
+        _nan_to_num_grads(self.model)
+        self.opt.step()
+
+        self.model.requires_grad_(False)
+        self.D.requires_grad_(True)
+        self.opt_D.zero_grad(set_to_none=True)
+        fake_logits = self._discriminate(fakes.detach())
+        do_r1 = cfg.r1_gamma > 0 and self.step_count % cfg.r1_interval == 0
+        reals = images.detach().requires_grad_(do_r1)
+        real_logits = self._discriminate(reals)
+        loss_D = F.softplus(fake_logits).mean() + F.softplus(-real_logits).mean()
+        stats["loss_D"] = loss_D.detach()
+        if do_r1:
+            (gradient,) = torch.autograd.grad(real_logits.sum(), reals, create_graph=True)
+            r1_penalty = gradient.square().sum(dim=[1, 2, 3]).mean()
+            loss_D = loss_D + r1_penalty * (cfg.r1_gamma / 2 * cfg.r1_interval)
+            stats["r1_penalty"] = r1_penalty.detach()
+        loss_D.backward()
+        _nan_to_num_grads(self.D)
+        self.opt_D.step()
+        self.ada.observe(real_logits)
+
+        self.step_count += 1
+        if cfg.ada_interval > 0 and self.step_count % cfg.ada_interval == 0:
+            self.ada.update(cfg.batch * cfg.ada_interval)
+        return {key: value.detach() for key, value in stats.items()}
+
+    @property
+    def images_seen(self) -> int:
+        return self.step_count * self.config.batch
+
+    # ---- checkpoints, samples, export ----------------------------------------------------------------------
+
+    def save(self, run_dir: str | Path) -> None:
+        """Write the compact checkpoint into `run_dir` (float16 modules, bfloat16 moments), keeping log and samples."""
+        run_dir = Path(run_dir)
+        kept = {name: (run_dir / name).read_bytes() for name in (LOG_FILE, SAMPLES_FILE) if (run_dir / name).exists()}
+        extra = {"config": dataclasses.asdict(self.config), "augment_p": self.ada.p,
+                 "ada_sign_sum": float(self.ada._sign_sum), "ada_count": self.ada._count}
+        save_checkpoint(run_dir, self.step_count, {"model": self.model, "D": self.D},
+                        {"model": self.opt, "D": self.opt_D}, extra,
+                        module_dtypes={"model": torch.float16, "D": torch.float16}, moment_dtype=torch.bfloat16)
+        for name, content in kept.items():
+            (run_dir / name).write_bytes(content)
+
+    def load(self, run_dir: str | Path) -> bool:
+        """Restore from `run_dir`; False when it holds no checkpoint."""
+        restored = load_checkpoint(run_dir, {"model": self.model, "D": self.D}, {"model": self.opt, "D": self.opt_D})
+        if restored is None:
+            return False
+        self.step_count, extra = restored
+        self.ada.p, self.ada._sign_sum, self.ada._count = extra["augment_p"], extra["ada_sign_sum"], extra["ada_count"]
+        return True
+
+    @torch.no_grad()
+    def sample_grid(self, path: str | Path) -> None:
+        """Columns: the first SAMPLE_COUNT train crops; rows: input, reconstruction, predicted regions, a hair edit
+        blended by the predicted mask, a style swap."""
+        self.model.eval()
+        images = self.data.images[:SAMPLE_COUNT].float() / 127.5 - 1
+        structure, style = self.model.encode(images)
+        regions = self.model.mask_logits(structure).argmax(dim=1)
+        hair = self.model.regions.index("hair") if "hair" in self.model.regions else 0
+        noise = torch.randn(style.shape, generator=torch.Generator().manual_seed(0)).to(style)
+        edit = self.model.decode(structure, self.model.edit_style(style, noise, hair, 1.0))
+        hair_mask = (regions == hair).unsqueeze(1).float()
+        rows = [images, self.model.decode(structure, style), edit * hair_mask + images * (1 - hair_mask),
+                self.model.decode(structure, style.roll(1, dims=0))]
+        self.model.train()
+        pictures = [(row.clamp(-1, 1) * 127.5 + 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+                    for row in rows]
+        pictures.insert(2, REGION_COLOURS[regions.cpu().numpy() % len(REGION_COLOURS)])
+        grid = np.concatenate([np.concatenate(list(row), axis=1) for row in pictures], axis=0)
+        Image.fromarray(grid).save(path)
+
+    def export(self, directory: str | Path, log: dict | None = None) -> Path:
+        """Write the L2SAE as `model.safetensors` (float16) + `config.json` + a model card (`core.nets.l2sae.load_l2sae`
+        reads it; `training.eval_l2sae` adds the metrics)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        weights = {k: v.detach().to(torch.float16).contiguous().cpu() for k, v in self.model.state_dict().items()}
+        save_file(weights, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+        config = {"kind": "l2sae", "config": self.model.config.to_dict(),
+                  "training": {"recipe": dataclasses.asdict(self.config), "steps": self.step_count,
+                               "kimg": self.images_seen / 1000, "augment_p": self.ada.p}}
+        (directory / CONFIG_FILE).write_text(json.dumps(config, indent=1))
+        (directory / CARD_FILE).write_text(_model_card(self, log))
+        return directory
+
+
+def _model_card(trainer: L2SAETrainer, log: dict | None) -> str:
+    cfg, model = trainer.config, trainer.model.config
+    return "\n".join([
+        f"# Latents2Semantics autoencoder (L2SAE), {model.resolution} px",
+        "",
+        "`core.nets.l2sae.L2SAE` trained from scratch by `training/train_l2sae.py` (docs/methods.md §2). Used by"
+        " `core.pipelines.latents2semantics` for region style edits blended by the predicted region mask.",
+        "",
+        f"* **Data:** `{cfg.data}`, split `{cfg.split}`, x-flips; region masks from the archive's label maps."
+        " Non-commercial research data (see training/data/DATASET.md); check licences before sharing.",
+        f"* **Architecture:** structure {model.structure_channels} x {model.structure_resolution}^2"
+        f" ({model.channels_per_region} channels per region: {', '.join(model.regions)}), style {model.style_dim},"
+        f" channel_base {model.channel_base}, channel_max {model.channel_max}, mask head {model.mask_channels}"
+        f" channels; {parameter_count(trainer.model) / 1e6:.2f} M parameters, float16 weights.",
+        f"* **Recipe:** batch {cfg.batch}, Adam lr {cfg.lr}/{cfg.lr_d} (D) betas (0, 0.99); weights: L1 {cfg.l1_weight},"
+        f" identity {cfg.identity_weight}, mask CE {cfg.mask_weight}, adversarial {cfg.adversarial_weight},"
+        f" locality {cfg.locality_weight} (dilation {cfg.locality_dilation} px), edit hinge {cfg.edit_weight}"
+        f" (margin {cfg.edit_margin}); R1 gamma {cfg.r1_gamma} every {cfg.r1_interval}; augmentation"
+        f" `{cfg.augment}` (ADA target {cfg.ada_target}); seed {cfg.seed}.",
+        f"* **Iterations:** {trainer.step_count} steps, {trainer.images_seen / 1000:.2f} kimg; final augment p"
+        f" {trainer.ada.p:.3f}.",
+        f"* **Last training log line:** `{json.dumps(log) if log else 'n/a'}`",
+        "* **Evaluation:** not yet measured; run `python -m training.eval_l2sae`.",
+        "",
+    ])
+
+
+def read_run_config(run_dir: str | Path) -> TrainConfig | None:
+    """The TrainConfig stored in a run folder's checkpoint, or None."""
+    state_path = Path(run_dir) / STATE_FILE
+    if not state_path.exists():
+        return None
+    return TrainConfig(**json.loads(state_path.read_text())["extra"]["config"])
+
+
+def train(trainer: L2SAETrainer, run_dir: str | Path, deadline: Deadline, max_steps: int | None = None,
+          log_every: int = 100, save_every_s: float = 240.0) -> dict | None:
+    """Run steps until the deadline or `max_steps` more steps; log, save and sample. Returns the last log record."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    first_step, last_save = trainer.step_count, time.monotonic()
+    window_start, window_steps, record, sums = time.monotonic(), 0, None, {}
+    while not deadline.expired() and (max_steps is None or trainer.step_count - first_step < max_steps):
+        stats = trainer.step()
+        window_steps += 1
+        for key, value in stats.items():
+            sums[key] = sums.get(key, 0.0) + value
+        if trainer.step_count % log_every == 0:
+            seconds = time.monotonic() - window_start
+            record = {"step": trainer.step_count, "kimg": round(trainer.images_seen / 1000, 3),
+                      **{k: round(float(total) / window_steps, 5) for k, total in sums.items()},
+                      "augment_p": round(trainer.ada.p, 5),
+                      "images_per_s": round(window_steps * trainer.config.batch / max(seconds, 1e-9), 2),
+                      "elapsed_s": round(deadline.elapsed_s, 1)}
+            with open(run_dir / LOG_FILE, "a") as log:
+                log.write(json.dumps(record) + "\n")
+            print(json.dumps(record), flush=True)
+            window_start, window_steps, sums = time.monotonic(), 0, {}
+        if time.monotonic() - last_save > save_every_s:
+            trainer.save(run_dir)
+            last_save = time.monotonic()
+    trainer.save(run_dir)
+    trainer.sample_grid(run_dir / SAMPLES_FILE)
+    return record
+
+
+def main(argv: list[str] | None = None) -> None:
+    defaults = TrainConfig()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", required=True, help="run folder (checkpoint, log, samples); resumed if present")
+    parser.add_argument("--data", help="training archive (training.data); not needed for --minutes 0 --export")
+    parser.add_argument("--minutes", type=float, default=9.0, help="wall-clock budget of this call")
+    parser.add_argument("--reserve-s", type=float, default=45.0, help="stop this long before the budget")
+    parser.add_argument("--steps", type=int, default=None, help="stop after this many steps in this call")
+    parser.add_argument("--log-every", type=int, default=100)
+    parser.add_argument("--export", help="write the L2SAE in the bundled format here at the end")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--model-json", default=None, help="L2SAEConfig overrides as JSON (new runs only)")
+    for item in dataclasses.fields(TrainConfig):
+        if item.name in ("model", "data", "split"):
+            continue
+        kind = {"int": int, "float": float, "str": str}[item.type]
+        parser.add_argument("--" + item.name.replace("_", "-"), type=kind, default=getattr(defaults, item.name))
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    deadline = Deadline(max(args.minutes * 60, args.reserve_s + 1), args.reserve_s)
+    config = read_run_config(args.run)
+    if config is None:
+        if args.data is None:
+            parser.error("--data is required to start a run")
+        recipe = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+        model = {**defaults.model, **json.loads(args.model_json or "{}")}
+        config = TrainConfig(**recipe, model=L2SAEConfig(**model).to_dict(), data=str(args.data))
+    else:
+        print(f"resuming {args.run}; its stored config is used", flush=True)
+    data = None
+    if args.minutes > 0:
+        data = crops_from_archive(args.data or config.data, split=config.split)
+        if data.images.shape[-1] != config.model["resolution"]:
+            parser.error(f"archive crops are {data.images.shape[-1]} px, the model wants {config.model['resolution']}")
+        print(f"{data.images.shape[0]} training crops of {data.images.shape[-1]} px", flush=True)
+    trainer = L2SAETrainer(config, data, device)
+    trainer.load(args.run)
+    record = None
+    if data is not None:
+        record = train(trainer, args.run, deadline, max_steps=args.steps, log_every=args.log_every)
+    if args.export:
+        log_path = Path(args.run) / LOG_FILE
+        if record is None and log_path.exists():
+            lines = log_path.read_text().splitlines()
+            record = json.loads(lines[-1]) if lines else None
+        trainer.export(args.export, record)
+        print(f"exported the L2SAE to {args.export}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
