@@ -1,0 +1,123 @@
+"""3D head generator: trainer (tiny config: steps, save, resume, export, load) and runtime pipeline."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from core.nets import load_generator
+from core.nets.camera import camera_label
+from training.resumable import Deadline
+from training.train_head3d import (
+    PRIOR_FILE,
+    Head3DConfig,
+    Head3DTrainer,
+    HeadTrainingData,
+    geometry_prior,
+    main,
+    prior_loss,
+    train,
+)
+
+TINY = Head3DConfig(z_dim=16, mapping_layers=1, channel_base=256, channel_max=16, triplane_size=16,
+                    neural_rendering_resolution=16, depth_samples=4, importance_samples=4, d_channel_base=256,
+                    d_channel_max=16, mbstd_group=2, batch=2, r1_interval=2, ada_interval=1, augment_p=0.5,
+                    prior_kimg=1.0)
+
+
+def _tiny_data(count: int = 3) -> HeadTrainingData:
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, [count, 3, 128, 128], dtype=torch.uint8, generator=generator)
+    cameras = torch.cat([camera_label(yaw, 0) for yaw in (-20, 0, 20)][:count])
+    mirrored = torch.cat([camera_label(-yaw, 0) for yaw in (-20, 0, 20)][:count])
+    prior = torch.full([count, 8, 8], float("nan"))
+    prior[:, 2:6, 2:6] = torch.rand([count, 4, 4], generator=generator)
+    return HeadTrainingData(images, cameras, mirrored, prior)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _threads():
+    torch.set_num_threads(2)
+
+
+def test_prior_loss_is_zero_for_matching_shape_and_shift_invariant():
+    cameras = camera_label(0, 0)
+    nearness = torch.full([1, 4, 4], float("nan"))
+    nearness[0, 1:3, 1:3] = torch.tensor([[0.1, 0.3], [0.2, 0.0]])
+    world_per_unit = float(cameras[0, [3, 7, 11]].norm() * 0.5 / cameras[0, 16])
+    depth = 2.6 - torch.nan_to_num(nearness)[:, None] * world_per_unit  # nearer = smaller depth, any offset
+    opacity = torch.ones_like(depth)
+    opacity_loss, depth_loss = prior_loss(depth, opacity, nearness, cameras)
+    assert float(opacity_loss) == 0 and float(depth_loss) < 1e-6
+    flat_opacity_loss, flat_depth_loss = prior_loss(torch.full_like(depth, 2.6), opacity * 0.5, nearness, cameras)
+    assert float(flat_depth_loss) > 0.01 and float(flat_opacity_loss) == pytest.approx(0.25)
+
+
+def test_geometry_prior_puts_the_nose_in_front():
+    from core.face3dmm import load_face_model
+
+    model = load_face_model()
+    vector = model.neutral_params().to_vector().numpy()
+    prior = geometry_prior(np.stack([vector, np.full_like(vector, np.nan)]), 32)
+    assert prior.shape == (2, 32, 32) and prior.dtype == np.float16
+    assert np.isnan(prior[1]).all()
+    face = prior[0].astype(np.float32)
+    assert 0.1 < np.isfinite(face).mean() < 0.8
+    centre, cheek = face[16, 16], np.nanmean(face[16, 6:9])  # the nose tip is nearer than the cheek
+    assert centre > cheek
+
+
+def test_train_save_resume_export_load(tmp_path):
+    data = _tiny_data()
+    trainer = Head3DTrainer(TINY, data)
+    stats = trainer.step()
+    for key in ("loss_G", "loss_D", "r1_penalty", "prior_opacity", "prior_depth"):
+        assert torch.isfinite(torch.as_tensor(stats[key])), key
+    before = {k: v.clone() for k, v in trainer.G.state_dict().items()}
+    train(trainer, tmp_path / "run", Deadline(600, 1), max_steps=1, log_every=1)
+    assert trainer.step_count == 2
+    assert any(not torch.equal(before[k], v) for k, v in trainer.G.state_dict().items())
+    files = {p.name for p in (tmp_path / "run").iterdir()}
+    assert {"state.json", "log.jsonl", "samples.png"} <= files
+    assert len(files) <= 8
+    assert "prior_weight" in json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
+
+    resumed = Head3DTrainer(TINY, data)
+    assert resumed.load(tmp_path / "run") and resumed.step_count == 2
+    for key, value in trainer.G_ema.state_dict().items():  # float16 copies: equal up to rounding
+        torch.testing.assert_close(resumed.G_ema.state_dict()[key], value, rtol=1e-3, atol=1e-3)
+    resumed.step()
+
+    export = trainer.export(tmp_path / "export", {"step": 2})
+    generator = load_generator(export)
+    config = json.loads((export / "config.json").read_text())
+    assert config["kind"] == "panohead" and config["neural_rendering_resolution"] == 16
+    assert generator.neural_rendering_resolution == 16 and generator.grid_depth == TINY.triplane_depth
+    with torch.no_grad():
+        ws = generator.mapping(torch.randn(1, TINY.z_dim), camera_label(0, 0))
+        out = generator.synthesis(ws, camera_label(30, 0), noise_mode="const", deterministic=True)
+    assert out["image"].shape == (1, 3, 128, 128) and torch.isfinite(out["image"]).all()
+    torch.testing.assert_close(generator.state_dict()["decoder.net.0.weight"],
+                               trainer.G_ema.state_dict()["decoder.net.0.weight"], rtol=1e-3, atol=1e-3)
+
+
+def test_prior_fades_out():
+    trainer = Head3DTrainer(dataclasses.replace(TINY, prior_kimg=0.004), None)
+    assert trainer.prior_weight == 1.0
+    trainer.step_count = 1
+    assert trainer.prior_weight == pytest.approx(0.5)
+    trainer.step_count = 5
+    assert trainer.prior_weight == 0.0
+
+
+def test_cli_export_only_uses_stored_config(tmp_path):
+    trainer = Head3DTrainer(TINY, _tiny_data())
+    trainer.save(tmp_path / "run")
+    (tmp_path / "run" / PRIOR_FILE).write_bytes(b"kept")
+    trainer.save(tmp_path / "run")
+    assert (tmp_path / "run" / PRIOR_FILE).read_bytes() == b"kept"
+    main(["--run", str(tmp_path / "run"), "--minutes", "0", "--export", str(tmp_path / "export"),
+          "--device", "cpu"])
+    assert load_generator(tmp_path / "export").backbone.mapping.z_dim == TINY.z_dim
