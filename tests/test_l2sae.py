@@ -1,0 +1,164 @@
+"""L2SAE network, region-edit pipeline, trainer (save/resume/export) and evaluation, with tiny random configs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from core.nets.l2sae import L2SAE, L2SAEConfig, build_l2sae, load_l2sae, parameter_count
+from core.pipelines.latents2semantics import MODES, Latents2SemanticsPipeline, feathered_region_mask, load_pipeline
+from training.eval_l2sae import evaluate, write_metrics
+from training.resumable import Deadline
+from training.train_l2sae import FaceCrops, L2SAETrainer, TrainConfig, main, train
+
+TINY = L2SAEConfig(resolution=32, structure_resolution=8, channels_per_region=2, style_dim=16, channel_base=256,
+                   channel_max=16, mask_channels=4)
+
+
+def tiny_model(seed: int = 0) -> L2SAE:
+    torch.manual_seed(seed)
+    return L2SAE(TINY).eval()
+
+
+def random_crop(size: int = 32, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+
+
+def tiny_trainer() -> L2SAETrainer:
+    config = TrainConfig(model=TINY.to_dict(), d_channel_base=256, d_channel_max=16, batch=2, mbstd_group=2,
+                         identity_weight=0.0, r1_interval=2)
+    generator = torch.Generator().manual_seed(0)
+    data = FaceCrops(torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=generator),
+                     torch.randint(0, len(TINY.regions), (4, 32, 32), dtype=torch.uint8, generator=generator))
+    return L2SAETrainer(config, data)
+
+
+def test_default_config_fits_the_weights_budget():
+    assert parameter_count(L2SAE()) * 2 <= 3 * 2**20  # float16 bytes
+
+
+def test_shapes_and_region_slices():
+    model = tiny_model()
+    structure, style = model.encode(torch.randn(2, 3, 32, 32))
+    assert structure.shape == (2, len(TINY.regions) * 2, 8, 8) and style.shape == (2, 16)
+    assert model.decode(structure, style).shape == (2, 3, 32, 32)
+    logits = model.mask_logits(structure)
+    assert logits.shape == (2, len(TINY.regions), 32, 32)
+    # A region's mask depends on its own slice only.
+    eyes = model.region_index("eyes")
+    changed = structure.clone()
+    changed[:, :eyes * 2] += 1.0
+    changed_logits = model.mask_logits(changed)
+    assert torch.allclose(changed_logits[:, eyes], logits[:, eyes])
+    assert not torch.allclose(changed_logits[:, 0], logits[:, 0])
+    with pytest.raises(ValueError):
+        model.region_index("ears")
+
+
+def test_untrained_style_manipulation_is_the_plain_perturbation():
+    model = tiny_model()
+    style, direction = torch.randn(3, 16), torch.randn(3, 16)
+    assert torch.allclose(model.edit_style(style, direction, 2, 0.5), style + 0.5 * direction)
+
+
+def test_feathered_mask_is_exactly_zero_beyond_twice_the_feather():
+    region = torch.zeros(1, 1, 20, 20)
+    region[..., 8:12, 8:12] = 1
+    mask = feathered_region_mask(region, 2)[0, 0]
+    assert torch.all(mask[8:12, 8:12] == 1)
+    assert mask[7, 10] > 0 and mask[4:16, 4:16].sum() > mask[8:12, 8:12].sum()
+    outside = torch.ones(20, 20, dtype=torch.bool)
+    outside[4:16, 4:16] = False
+    assert torch.all(mask[outside] == 0)
+
+
+def test_pipeline_edits_only_inside_the_mask():
+    pipeline = Latents2SemanticsPipeline(tiny_model())
+    crop = random_crop(64)
+    edited_regions = 0
+    for region in TINY.regions:
+        result = pipeline(crop, region, MODES[0], strength=1.5, seed=7, n_variants=2)
+        assert len(result.edited) == 2 and result.seeds == [7, 8]
+        assert result.reconstruction.shape == (32, 32, 3) and result.mask_overlay.shape == crop.shape
+        outside = result.blend_mask == 0
+        for edited in result.edited:
+            assert edited.dtype == np.uint8 and edited.shape == crop.shape
+            assert np.array_equal(edited[outside], crop[outside])
+        if (result.blend_mask > 0).any():
+            edited_regions += 1
+            assert not np.array_equal(result.edited[0], result.edited[1])
+    assert edited_regions > 0
+    again = pipeline(crop, "hair", MODES[0], strength=1.5, seed=8, n_variants=1)
+    hair = pipeline(crop, "hair", MODES[0], strength=1.5, seed=7, n_variants=2)
+    assert np.array_equal(again.edited[0], hair.edited[1])
+    assert result.seconds > 0 and result.provenance.seed == 7
+
+
+def test_pipeline_reference_mode_and_errors():
+    pipeline = Latents2SemanticsPipeline(tiny_model())
+    crop, reference = random_crop(32, 0), random_crop(32, 1)
+    result = pipeline(crop, "skin", MODES[1], reference=reference, n_variants=4)
+    assert len(result.edited) == 1 and result.seeds == []
+    untouched = pipeline(crop, "skin", MODES[1], strength=0.0, reference=reference)
+    full = pipeline(crop, "skin", MODES[1], strength=1.0, reference=reference)
+    recon = pipeline(crop, "skin", MODES[0], strength=0.0)
+    assert np.array_equal(untouched.edited[0], recon.edited[0])
+    if (full.blend_mask > 0).any():
+        assert not np.array_equal(full.edited[0], untouched.edited[0])
+    with pytest.raises(ValueError):
+        pipeline(crop, "skin", MODES[1])
+    with pytest.raises(ValueError):
+        pipeline(crop, "skin", "sketch")
+    with pytest.raises(ValueError):
+        pipeline(crop[:, :20], "skin")
+
+
+def test_train_save_resume_export_reload(tmp_path):
+    run, export = tmp_path / "run", tmp_path / "export"
+    trainer = tiny_trainer()
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    record = train(trainer, run, Deadline(600, 1), max_steps=2, log_every=1)
+    assert record["step"] == 2 and np.isfinite(record["l1"]) and np.isfinite(record["mask_ce"])
+    assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+    assert (run / "samples.png").exists() and len((run / "log.jsonl").read_text().splitlines()) == 2
+
+    resumed = tiny_trainer()
+    assert resumed.load(run) and resumed.step_count == 2
+    for key, value in trainer.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[key], value.half().float())
+    train(resumed, run, Deadline(600, 1), max_steps=1, log_every=1)
+    assert resumed.step_count == 3
+
+    main(["--run", str(run), "--minutes", "0", "--export", str(export)])
+    config = json.loads((export / "config.json").read_text())
+    assert config["kind"] == "l2sae" and config["training"]["steps"] == 3
+    assert "L2SAE" in (export / "README.md").read_text()
+    reloaded = load_l2sae(export)
+    for key, value in resumed.model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[key], value.half().float())
+    with pytest.raises(ValueError):
+        build_l2sae({"kind": "stylegan2"}, {})
+
+
+def test_evaluation_numbers_and_card(tmp_path):
+    trainer = tiny_trainer()
+    trainer.export(tmp_path)
+    pipeline = load_pipeline(tmp_path)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    masks = rng.integers(0, len(TINY.regions), (3, 32, 32), dtype=np.uint8)
+    metrics = evaluate(pipeline, images, masks, identity=None, edit_limit=2, batch=2)
+    assert metrics["images"] == 3 and metrics["edited_images"] == 2 and metrics["identity_cosine"] is None
+    assert set(metrics["regions"]) == set(TINY.regions)
+    assert 0 <= metrics["mean_mask_iou"] <= 1 and np.isfinite(metrics["reconstruction_psnr"])
+    assert metrics["max_locality"] == 0.0  # the blend leaves everything beyond the dilated mask untouched
+    for values in metrics["regions"].values():
+        assert 0 <= values["mask_iou"] <= 1
+    write_metrics(tmp_path, metrics, "test")
+    write_metrics(tmp_path, metrics, "test")
+    card = (tmp_path / "README.md").read_text()
+    assert card.count("## Evaluation") == 1 and "| eyes |" in card and "not yet measured" not in card
+    assert json.loads((tmp_path / "metrics.json").read_text())["images"] == 3
