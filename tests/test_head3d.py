@@ -72,23 +72,21 @@ def test_geometry_prior_puts_the_nose_in_front():
 def test_train_save_resume_export_load(tmp_path):
     data = _tiny_data()
     trainer = Head3DTrainer(TINY, data)
-    stats = trainer.step()
-    for key in ("loss_G", "loss_D", "r1_penalty", "prior_opacity", "prior_depth"):
-        assert torch.isfinite(torch.as_tensor(stats[key])), key
     before = {k: v.clone() for k, v in trainer.G.state_dict().items()}
-    train(trainer, tmp_path / "run", Deadline(600, 1), max_steps=1, log_every=1)
+    train(trainer, tmp_path / "run", Deadline(600, 1), max_steps=2, log_every=1)
     assert trainer.step_count == 2
     assert any(not torch.equal(before[k], v) for k, v in trainer.G.state_dict().items())
     files = {p.name for p in (tmp_path / "run").iterdir()}
     assert {"state.json", "log.jsonl", "samples.png"} <= files
     assert len(files) <= 8
-    assert "prior_weight" in json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
+    first = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])
+    for key in ("loss_G", "loss_D", "r1_penalty", "prior_opacity", "prior_depth", "prior_weight"):
+        assert np.isfinite(first[key]), key
 
     resumed = Head3DTrainer(TINY, data)
     assert resumed.load(tmp_path / "run") and resumed.step_count == 2
     for key, value in trainer.G_ema.state_dict().items():  # float16 copies: equal up to rounding
         torch.testing.assert_close(resumed.G_ema.state_dict()[key], value, rtol=1e-3, atol=1e-3)
-    resumed.step()
 
     export = trainer.export(tmp_path / "export", {"step": 2})
     generator = load_generator(export)
@@ -121,3 +119,46 @@ def test_cli_export_only_uses_stored_config(tmp_path):
     main(["--run", str(tmp_path / "run"), "--minutes", "0", "--export", str(tmp_path / "export"),
           "--device", "cpu"])
     assert load_generator(tmp_path / "export").backbone.mapping.z_dim == TINY.z_dim
+
+
+@pytest.fixture(scope="module")
+def pipeline():
+    from core.pipelines.head3d import Head3DPipeline
+    from core.runtime import Runtime
+    from training.train_head3d import build_head_generator
+
+    torch.manual_seed(0)
+    return Head3DPipeline(build_head_generator(TINY), Runtime("cpu"), model_name="tiny-random")
+
+
+def test_pipeline_orbit_turntable_glb(pipeline, tmp_path):
+    from core.mesh import read_glb_asset_extras
+
+    result = pipeline(seed=3, yaws=(-30, 0, 30), pitches=(0, 10), turntable_frames=4, mesh_resolution=32,
+                      mesh_level=0.0, face_budget=500, output_dir=tmp_path)
+    assert result.orbit.shape == (2, 3, 128, 128, 3) and result.orbit.dtype == np.uint8
+    assert len(result.turntable) == 4 and result.turntable[0].shape == (128, 128, 3)
+    assert result.turntable_yaws[0] == 0 and max(result.turntable_yaws) == pytest.approx(60)
+    assert not np.array_equal(result.orbit[0, 0], result.orbit[0, 2])  # the camera moves
+    np.testing.assert_array_equal(result.orbit[0, 1], result.turntable[0])  # yaw 0, pitch 0 in both
+    assert result.glb_path is not None and result.glb_path.exists() and 0 < result.mesh_faces <= 500
+    extras = read_glb_asset_extras(result.glb_path)
+    assert extras["model"] == "tiny-random" and extras["seed"] == 3
+    assert {"latent_s", "orbit_s", "turntable_s", "mesh_s", "total_s"} <= set(result.timings)
+
+
+def test_pipeline_seeds_and_given_ws(pipeline):
+    first = pipeline(seed=1, yaws=(0,), pitches=(0,), turntable_frames=1, mesh=False)
+    again = pipeline(seed=1, yaws=(0,), pitches=(0,), turntable_frames=1, mesh=False)
+    other = pipeline(seed=2, yaws=(0,), pitches=(0,), turntable_frames=1, mesh=False)
+    np.testing.assert_array_equal(first.orbit, again.orbit)
+    assert not np.array_equal(first.orbit, other.orbit)
+    given = pipeline(ws=pipeline.latent(1, 0.7), yaws=(0,), pitches=(0,), turntable_frames=1, mesh=False)
+    np.testing.assert_array_equal(first.orbit, given.orbit)
+    assert given.provenance.seed is None and first.glb_path is None and "latent_s" not in given.timings
+
+
+def test_pipeline_reports_missing_surface(pipeline, tmp_path):
+    result = pipeline(seed=0, yaws=(0,), pitches=(0,), turntable_frames=1, mesh_resolution=16, mesh_level=1e6,
+                      output_dir=tmp_path)
+    assert result.glb_path is None and result.mesh_faces is None and result.warnings
