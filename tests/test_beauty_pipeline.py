@@ -171,7 +171,7 @@ def test_photo_path_aligns_encodes_and_refines(pipeline):
     target = torch.rand(1, 3, 16, 16) * 2 - 1
     anchor = pipeline.identity.embed_aligned(target)
     encoded = pipeline.invert(target, anchor)
-    pipeline.settings = OptimizerSettings(directions=3, refine_steps=20, refine_lr=0.05)
+    pipeline.settings = OptimizerSettings(directions=3, refine_steps=8, refine_lr=0.05)
     try:
         refined = pipeline.invert(target, anchor)
         result = pipeline(str(PHOTO), seed=0, budget=2, population=4)

@@ -12,7 +12,7 @@ norm of the per-layer deltas) and, for the generator samples, L2 to the true W+.
 one more per-layer delta every `progressive_steps` steps (0: all from the start). Adam, seeded data order.
 
 The run folder is flat: `state.json` + `tensors-*.safetensors` (`training.resumable`; the encoder and Adam in
-float32, about 16 MiB at 128 px) and `log.jsonl`. A run resumes from it; its stored config wins.
+float32, 15.9 MiB at 128 px) and `log.jsonl`. A run resumes from it; its stored config wins.
 """
 
 from __future__ import annotations
