@@ -1,0 +1,188 @@
+"""Evaluate 3DMM-conditioned generators against the unconditional base on the test split (methods.md section 1).
+
+    python -m training.eval_taxfree --data datasets/faces/faces128.npz --base weights/stylegan2_faces128 \
+        --taxfree weights/taxfree_faces128 --overconstrained weights/overconstrained_faces128 \
+        --out runs/eval_taxfree.json --update-cards
+
+For each generator: one image per test sample (seed-fixed z; conditional models get that sample's 3DMM vector p,
+normalised as in their config.json `conditioning`), then
+* FD-id (`training.eval.metrics.frechet_distance` of `core.identity` embeddings) against the real test crops; the
+  difference to the base generator is the measured quality tax;
+* pose control: MediaPipe landmarks (`core.face.detect_faces`) -> `core.face.estimate_pose` on the generated image,
+  compared with the same landmark pose of the real test crop whose p was requested (one estimator on both sides, so
+  no 3DMM-to-landmark convention enters); median absolute yaw and pitch error in degrees, and the detection rate;
+* expression control: F_R (`weights/face3dmm_estimator`) on the generated image vs the requested p (curated
+  expressions MAE / Pearson r, and all groups), plus an estimator-independent check: Pearson r between the
+  requested jawOpen and the landmark mouth opening (inner-lip gap / face height).
+The real test crops go through the same measurements as a reference row (F_R's own error; pose error 0 by
+construction).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from core.face import FaceInputError, detect_faces, estimate_pose
+from core.face3dmm import EXPRESSION_NAMES
+from core.nets import CONFIG_FILE, load_generator
+from core.nets.face3dmm_estimator import Face3DMMEstimator, load_face3dmm_estimator
+from training.eval.faces import embed_aligned_faces
+from training.eval.metrics import frechet_distance
+from training.train_face3dmm_estimator import parameter_errors, pearson
+from training.train_taxfree import DEFAULT_ESTIMATOR
+
+# MediaPipe Face Mesh indices: inner upper / lower lip midpoints, forehead top, chin bottom.
+UPPER_INNER_LIP, LOWER_INNER_LIP, FOREHEAD, CHIN = 13, 14, 10, 152
+MODEL_NAMES = ("base", "taxfree", "overconstrained")
+
+
+def landmark_measurements(images: np.ndarray) -> dict[str, np.ndarray]:
+    """Per image (uint8 [N, H, W, 3]): yaw, pitch (degrees) and mouth opening of the largest face; NaN if none."""
+    poses, mouths = np.full((len(images), 2), np.nan), np.full(len(images), np.nan)
+    for i, image in enumerate(images):
+        faces = detect_faces(image)
+        if not faces:
+            continue
+        points = faces[0].landmarks
+        try:
+            pose = estimate_pose(points, (image.shape[1], image.shape[0]))
+        except FaceInputError:
+            continue
+        poses[i] = pose.yaw, pose.pitch
+        height = np.linalg.norm(points[FOREHEAD] - points[CHIN])
+        mouths[i] = np.linalg.norm(points[UPPER_INNER_LIP] - points[LOWER_INNER_LIP]) / max(height, 1e-6)
+    return {"pose": poses, "mouth_opening": mouths}
+
+
+@torch.no_grad()
+def generate(generator: torch.nn.Module, labels: torch.Tensor | None, count: int, seed: int = 0,
+             batch: int = 32) -> np.ndarray:
+    """uint8 [count, H, W, 3] images of seed-fixed z; `labels` (normalised c, [count, c_dim]) or None."""
+    z = torch.randn([count, generator.z_dim], generator=torch.Generator().manual_seed(seed))
+    c = torch.zeros([count, 0]) if labels is None else labels
+    images = torch.cat([generator(z[i:i + batch], c[i:i + batch], noise_mode="const") for i in range(0, count, batch)])
+    return (images * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def conditioning_of(directory: str | Path) -> dict | None:
+    """The `conditioning` block of a generator's config.json (None for an unconditional one)."""
+    return json.loads((Path(directory) / CONFIG_FILE).read_text()).get("conditioning")
+
+
+def _to_tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+@torch.no_grad()
+def evaluate_images(images: np.ndarray, requested: np.ndarray | None, real_embeddings: np.ndarray,
+                    real_landmarks: dict[str, np.ndarray], estimator: Face3DMMEstimator) -> dict:
+    """All metrics of one image set; `requested` (raw p per image) is None for an unconditional generator."""
+    result = {"count": len(images), "fd_id": frechet_distance(embed_aligned_faces(list(images)), real_embeddings)}
+    if requested is None:
+        return result
+    landmarks = landmark_measurements(images)
+    found = np.isfinite(landmarks["pose"]).all(1) & np.isfinite(real_landmarks["pose"]).all(1)
+    error = np.abs(landmarks["pose"][found] - real_landmarks["pose"][found])
+    result["pose_control"] = {
+        "detected": float(np.isfinite(landmarks["pose"]).all(1).mean()), "pairs": int(found.sum()),
+        "yaw_median_deg": float(np.median(error[:, 0])) if len(error) else float("nan"),
+        "pitch_median_deg": float(np.median(error[:, 1])) if len(error) else float("nan"),
+    }  # fmt: skip
+    predicted = torch.cat([estimator.denormalise(estimator(x)) for x in _to_tensor(images).split(64)]).numpy()
+    result["estimator_vs_requested"] = parameter_errors(predicted, requested, estimator.num_identity)
+    jaw = requested[:, estimator.num_identity + EXPRESSION_NAMES.index("jawOpen")]
+    opened = np.isfinite(landmarks["mouth_opening"])
+    result["jaw_open_vs_mouth_opening_r"] = pearson(jaw[opened], landmarks["mouth_opening"][opened]) \
+        if opened.sum() > 2 else float("nan")  # fmt: skip
+    return result
+
+
+def evaluate(data: str | Path, generators: dict[str, str | Path], estimator_dir: str | Path = DEFAULT_ESTIMATOR,
+             count: int | None = None, seed: int = 0) -> dict:
+    """Metrics of the real test crops ("real") and of each named generator folder on the archive's test split."""
+    from training.data.archive import load_archive
+
+    archive = load_archive(data, split="test")
+    labels = np.asarray(archive.face3dmm, dtype=np.float32)
+    keep = np.flatnonzero(np.isfinite(labels).all(axis=1))[:count]
+    reals = np.stack([archive.image(int(i)) for i in keep])
+    requested = labels[keep]
+    estimator = load_face3dmm_estimator(estimator_dir)
+    real_embeddings = embed_aligned_faces(list(reals))
+    real_landmarks = landmark_measurements(reals)
+    results = {"data": str(data), "split": "test", "count": len(keep), "seed": seed}
+    real = evaluate_images(reals, requested, real_embeddings, real_landmarks, estimator)
+    half = len(reals) // 2  # floor: test half vs half
+    real["fd_id"] = frechet_distance(real_embeddings[:half], real_embeddings[half:]) if half >= 2 else float("nan")
+    results["real"] = real
+    for name, directory in generators.items():
+        generator = load_generator(directory)
+        conditioning = conditioning_of(directory)
+        c = None
+        if conditioning is not None:
+            mean, std = (torch.tensor(conditioning[key]) for key in ("mean", "std"))
+            c = (torch.from_numpy(requested) - mean) / std
+        images = generate(generator, c, len(keep), seed)
+        results[name] = evaluate_images(images, None if c is None else requested, real_embeddings, real_landmarks,
+                                        estimator)  # fmt: skip
+        results[name]["generator"] = str(directory)
+    return results
+
+
+def summary_table(results: dict) -> str:
+    """Markdown table: FD-id, pose control and curated expression control per image set."""
+
+    def cell(value, digits=2):
+        return "n/a" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
+
+    lines = ["| images | FD-id (vs test) | face detected | yaw err. median (deg) | pitch err. median (deg) | "
+             "jawOpen r (F_R) | smile r (F_R, L/R mean) | jawOpen vs mouth opening r |", "|---" * 8 + "|"]
+    for name in ("real", *MODEL_NAMES):
+        if name not in results:
+            continue
+        row = results[name]
+        pose = row.get("pose_control", {})
+        curated = row.get("estimator_vs_requested", {}).get("curated_expressions", {})
+        smile = np.mean([curated[k]["r"] for k in ("mouthSmile_L", "mouthSmile_R")]) if curated else None
+        label = "real test crops (half vs half)" if name == "real" else f"{name} (`{row['generator']}`)"
+        lines.append(f"| {label} | {cell(row['fd_id'], 4)} | {cell(pose.get('detected'))} | "
+                     f"{cell(pose.get('yaw_median_deg'))} | {cell(pose.get('pitch_median_deg'))} | "
+                     f"{cell(curated.get('jawOpen', {}).get('r'))} | {cell(smile)} | "
+                     f"{cell(row.get('jaw_open_vs_mouth_opening_r'))} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", required=True, help="archive whose test split is used (faces128.npz)")
+    for name in MODEL_NAMES:
+        parser.add_argument(f"--{name}", help=f"{name} generator folder (core.nets.load_generator)")
+    parser.add_argument("--estimator", default=DEFAULT_ESTIMATOR)
+    parser.add_argument("--count", type=int, default=None, help="at most this many test samples")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", help="write the results JSON here")
+    parser.add_argument("--update-cards", action="store_true",
+                        help="append the summary table to each evaluated generator's README.md")
+    args = parser.parse_args(argv)
+    generators = {name: getattr(args, name) for name in MODEL_NAMES if getattr(args, name)}
+    results = evaluate(args.data, generators, args.estimator, args.count, args.seed)
+    table = summary_table(results)
+    print(table, flush=True)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=1))
+    if args.update_cards:
+        section = (f"\n## Measured metrics (`training/eval_taxfree.py`, test split, {results['count']} samples, "
+                   f"seed {args.seed})\n\n{table}\n")  # fmt: skip
+        for directory in generators.values():
+            with open(Path(directory) / "README.md", "a") as card:
+                card.write(section)
+
+
+if __name__ == "__main__":
+    main()
