@@ -13,7 +13,7 @@ import gradio as gr  # noqa: E402
 
 from core.methods import METHODS  # noqa: E402
 from core.runtime import Runtime  # noqa: E402
-from tabs import METHOD_TABS, about  # noqa: E402
+from tabs import about, available_tabs  # noqa: E402
 from tabs.common import MAX_UPLOAD_SIZE  # noqa: E402
 
 TITLE = "Face generation demo suite"
@@ -29,16 +29,17 @@ QUEUE_MAX_SIZE = int(os.environ.get("FACE_SUITE_QUEUE_SIZE", "20"))
 def build_demo(runtime: Runtime) -> gr.Blocks:
     """The whole app: a description, then one tab per available method, then About."""
     titles = {m.key: m.title for m in METHODS}
+    tabs = available_tabs(runtime.registry)
     with gr.Blocks(title=TITLE, delete_cache=(3600, 3600)) as demo:
         gr.Markdown(DESCRIPTION)
         if runtime.device.type == "cpu":
             gr.Markdown("Running on CPU: generation takes seconds rather than milliseconds.")
         with gr.Tabs():
-            for key, module in METHOD_TABS.items():
-                with gr.Tab(titles[key], id=key):
-                    module.create_tab(runtime)
+            for tab in tabs:
+                with gr.Tab(titles[tab.KEY], id=tab.KEY):
+                    tab.create_tab(runtime)
             with gr.Tab("About", id="about"):
-                about.create_tab(runtime, set(METHOD_TABS))
+                about.create_tab(runtime, {tab.KEY for tab in tabs})
     return demo
 
 

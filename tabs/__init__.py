@@ -1,8 +1,24 @@
-"""One module per method tab, each with `create_tab(runtime)`; the order here is the tab order."""
+"""One module per method tab; the order of METHOD_TABS is the tab order.
+
+Each tab module has `KEY` (see `core.methods`), `REQUIRED_MODELS` (registry names) and `create_tab(runtime)`. A tab
+is shown when every model it needs resolves (bundled, cached, or pinned on the Hub), so a tab appears as soon as its
+weights are trained and registered.
+"""
 
 from __future__ import annotations
 
 from types import ModuleType
 
-# Method tabs land here as their bundled weights are trained: key (see core.methods) -> module.
-METHOD_TABS: dict[str, ModuleType] = {}
+from core.weights import Registry
+from tabs import latents2semantics
+
+METHOD_TABS: tuple[ModuleType, ...] = (latents2semantics,)
+
+
+def available_tabs(registry: Registry) -> list[ModuleType]:
+    """The method tabs whose models can be had with this registry."""
+    names = set(registry.names)
+    return [
+        tab for tab in METHOD_TABS
+        if all(name in names and registry.locate(name)[0] != "missing" for name in tab.REQUIRED_MODELS)
+    ]

@@ -12,7 +12,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
 from core.face import prepare_face
-from tabs.common import FaceInputError, photo_input, photo_validator, raise_user_error, randomize_seed
+from tabs.common import FaceInputError, photo_input, raise_user_error, randomize_seed, require_photo
 
 
 def _png_claiming(width: int, height: int, path):
@@ -28,6 +28,7 @@ def _png_claiming(width: int, height: int, path):
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
     def face_size(path):
+        require_photo(path)
         try:
             return list(prepare_face(path).image.shape)
         except FaceInputError as error:
@@ -36,7 +37,7 @@ def client(tmp_path_factory):
     with gr.Blocks() as demo:
         photo = photo_input()
         out = gr.JSON()
-        gr.Button().click(face_size, photo, out, api_name="face_size", validator=photo_validator)
+        gr.Button().click(face_size, photo, out, api_name="face_size")
     _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, max_file_size="25mb")
     yield Client(url, verbose=False, download_files=str(tmp_path_factory.mktemp("dl")))
     demo.close()
