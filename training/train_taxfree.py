@@ -7,8 +7,9 @@
 Both recipes extend `training.train_stylegan2.StyleGAN2Trainer` (same G, D, losses, augmentation, checkpoints):
 
 * c = p normalised with the frozen estimator F_R's statistics, (p - mean) / std (`core.nets.face3dmm_estimator`);
-  reals are x-flipped with their labels (archive flip rules); fakes get the labels of random training samples;
-  D is conditioned on c by the StyleGAN2-ADA projection head.
+  reals are x-flipped with their labels (archive flip rules); fakes get the labels of random training samples,
+  mirrored as often as the reals are, so that real and fake c follow one distribution; D is conditioned on c by
+  the StyleGAN2-ADA projection head.
 * `taxfree`: the paper's "only two objectives": the adversarial loss plus one consistency loss
   ||F_R(G(z, c)) - c||^2 (normalised units, group-balanced) on the controlled parameters only: expression,
   rotation (pose) and SH lighting. Identity, translation and scale are left to the generator.
@@ -134,16 +135,27 @@ class TaxFreeTrainer(StyleGAN2Trainer):
                 raise ValueError("render_weight > 0 needs one render per training image")
             self.renders = renders.to(self.device)
 
-    def _conditioning_losses(self, batch: int) -> dict[str, torch.Tensor]:
-        """Consistency (and render) losses of G(z, c) with c from random training samples."""
-        cfg = self.config
+    def _random_label_indices(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Indices of random training samples and whether to use their mirrored labels (as often as for reals)."""
         index = torch.randint(self.data.images.shape[0], [batch], device=self.device)
-        c = self._labels(index)
+        mirror = torch.rand([batch], device=self.device) < (0.5 if self.config.mirror else 0.0)
+        return index, mirror
+
+    def _fake_labels(self) -> torch.Tensor:
+        """Fake c drawn like the reals' c: random samples, mirrored half of the time when reals are x-flipped."""
+        return self._labels(*self._random_label_indices(self.config.batch))
+
+    def _conditioning_losses(self, batch: int) -> dict[str, torch.Tensor]:
+        """Consistency (and render) losses of G(z, c) with c drawn like `_fake_labels`."""
+        cfg = self.config
+        index, mirror = self._random_label_indices(batch)
+        c = self._labels(index, mirror)
         z = torch.randn([batch, cfg.z_dim], device=self.device)
         images = self.G.synthesis(self.G.mapping(z, c))
         losses = {"consistency": grouped_loss(self.estimator(images), c, self.groups, self.consistency_weights)}
         if cfg.render_weight > 0:
             target = self.renders[index].to(torch.float32) / 127.5 - 1
+            target = torch.where(mirror.reshape(-1, 1, 1, 1), target.flip(-1), target)  # render of the mirrored p
             mask = (target[:, 3:] > 0).to(torch.float32)
             small = F.interpolate(images, size=target.shape[-2:], mode="area")
             losses["render"] = ((small - target[:, :3]).abs() * mask).sum() / (mask.sum() * 3).clamp_min(1)
