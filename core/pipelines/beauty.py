@@ -32,6 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from core.nets.encoders import style_layer_groups
+from core.provenance import Provenance
+
+METHOD = "Regression-guided beauty optimization"
 
 BIAS_NOTE = (
     "Attractiveness models encode the biases of their raters and training data (here: MEBeauty ratings). The "
@@ -123,6 +126,7 @@ class BeautyResult:
     settings: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
     note: str = BIAS_NOTE
+    provenance: Provenance | None = None
 
 
 ProgressCallback = Callable[[int, int, GenerationRecord], None]
@@ -258,6 +262,12 @@ class BeautyOptimizer:
 
     # ---- the call --------------------------------------------------------------------------------------------
 
+    def _revision(self, name: str | None) -> str | None:
+        """The registry revision of model `name` (None when unregistered or unpinned)."""
+        if name is None or name not in self.runtime.registry.names:
+            return None
+        return self.runtime.registry.entry(name).revision
+
     def __call__(self, photo=None, *, seed: int = 0, budget: int = 30, population: int = 16,
                  identity_weight: float = 2.0, strength: float = 1.0,
                  progress: ProgressCallback | None = None) -> BeautyResult:
@@ -357,4 +367,9 @@ class BeautyOptimizer:
                       "strength": strength, "photo": photo is not None, **self.model_names,
                       **dataclasses.asdict(cfg)},
             warnings=warnings,
+            provenance=Provenance(
+                METHOD, self.model_names.get("generator", "unregistered generator"),
+                self._revision(self.model_names.get("generator")), seed,
+                {"photo": photo is not None, "budget": budget, "population": population,
+                 "identity_weight": identity_weight, "strength": strength, **self.model_names}),
         )
