@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from core.face3dmm import EXPRESSION_NAMES, FaceParams
 from core.nets import load_generator
@@ -128,10 +130,11 @@ def test_estimator_training_flips_and_bundle(archive, estimator_dir):
 
 @pytest.mark.parametrize("recipe", ["taxfree", "overconstrained"])
 def test_recipe_trains_resumes_exports_and_reloads(recipe, archive, estimator_dir, tmp_path):
-    run = tmp_path / "run"
+    run, estimator = tmp_path / "run", tmp_path / "estimator"
+    shutil.copytree(estimator_dir, estimator)
     common = ["--run", str(run), "--log-every", "1", "--render-workers", "1"]
     train_taxfree.main([*common, "--recipe", recipe, "--data", str(archive), "--steps", "2",
-                        "--set", *TINY_GAN, f"estimator={estimator_dir}"])
+                        "--set", *TINY_GAN, f"estimator={estimator}"])
     records = [json.loads(line) for line in (run / LOG_FILE).read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2] and all(np.isfinite(r["loss_consistency"]) for r in records)
     assert ("loss_render" in records[0]) == (recipe == "overconstrained")
@@ -150,6 +153,11 @@ def test_recipe_trains_resumes_exports_and_reloads(recipe, archive, estimator_di
     assert len(config["conditioning"]["mean"]) == 136 and f"recipe `{recipe}`" in (out / "README.md").read_text()
     image = generator(torch.randn(1, 16), torch.zeros(1, 136), noise_mode="const")
     assert image.shape == (1, 3, SIZE, SIZE) and torch.isfinite(image).all()
+
+    weights = estimator / "model.safetensors"
+    save_file({k: v + 1 if v.is_floating_point() else v for k, v in load_file(weights).items()}, str(weights))
+    with pytest.raises(SystemExit):  # another F_R would change c's normalisation under a resumed run
+        train_taxfree.main([*common, "--steps", "1"])
 
 
 def _trainer(recipe, archive, estimator_dir, **overrides):

@@ -34,7 +34,7 @@ from core.nets.face3dmm_estimator import Face3DMMEstimator, load_face3dmm_estima
 from training.eval.faces import embed_aligned_faces
 from training.eval.metrics import frechet_distance
 from training.train_face3dmm_estimator import parameter_errors, pearson
-from training.train_taxfree import DEFAULT_ESTIMATOR
+from training.train_taxfree import DEFAULT_ESTIMATOR, estimator_path
 
 # MediaPipe Face Mesh indices: inner upper / lower lip midpoints, forehead top, chin bottom.
 UPPER_INNER_LIP, LOWER_INNER_LIP, FOREHEAD, CHIN = 13, 14, 10, 152
@@ -112,7 +112,7 @@ def evaluate(data: str | Path, generators: dict[str, str | Path], estimator_dir:
     keep = np.flatnonzero(np.isfinite(labels).all(axis=1))[:count]
     reals = np.stack([archive.image(int(i)) for i in keep])
     requested = labels[keep]
-    estimator = load_face3dmm_estimator(estimator_dir)
+    estimator = load_face3dmm_estimator(estimator_path(estimator_dir))
     real_embeddings = embed_aligned_faces(list(reals))
     real_landmarks = landmark_measurements(reals)
     results = {"data": str(data), "split": "test", "count": len(keep), "seed": seed}

@@ -38,13 +38,14 @@ import torch
 import torch.nn.functional as F
 
 from core.nets import CONFIG_FILE
-from core.nets.face3dmm_estimator import Face3DMMEstimator, load_face3dmm_estimator, parameter_groups
+from core.nets.face3dmm_estimator import WEIGHTS_FILE, Face3DMMEstimator, load_face3dmm_estimator, parameter_groups
 from training.resumable import STATE_FILE, Deadline
 from training.train_face3dmm_estimator import grouped_loss
 from training.train_stylegan2 import (CARD_FILE, LOG_FILE, StyleGAN2Trainer, TrainConfig, TrainingImages,
                                       _configure_device, _nan_to_num_grads, images_from_archive, train)
 
-DEFAULT_ESTIMATOR = str(Path(__file__).resolve().parents[1] / "weights" / "face3dmm_estimator")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_ESTIMATOR = "weights/face3dmm_estimator"  # relative: the run folder moves between machines
 RENDERS_FILE = "renders.npz"
 ALL_GROUPS = "identity,expression,rotation,translation,scale,lighting"
 RECIPES = {
@@ -59,6 +60,7 @@ class TaxFreeConfig(TrainConfig):
 
     recipe: str = "taxfree"
     estimator: str = DEFAULT_ESTIMATOR
+    estimator_sha256: str | None = None  # set when a run starts; a resumed run refuses another F_R
     consistency_groups: str = RECIPES["taxfree"]["consistency_groups"]
     consistency_weight: float = 1.0
     consistency_interval: int = 1
@@ -71,6 +73,12 @@ class TaxFreeConfig(TrainConfig):
         if recipe not in RECIPES:
             raise ValueError(f"unknown recipe {recipe!r}; expected one of {sorted(RECIPES)}")
         return cls(**{"recipe": recipe, **RECIPES[recipe], **overrides})
+
+
+def estimator_path(path: str | Path) -> Path:
+    """A relative estimator path is taken from the working directory if it exists there, else from the repo root."""
+    path = Path(path)
+    return path if path.is_absolute() or path.exists() else REPO_ROOT / path
 
 
 def normalised_data(data: TrainingImages, estimator: Face3DMMEstimator) -> TrainingImages:
@@ -292,7 +300,13 @@ def main(argv: list[str] | None = None) -> None:
         config = TaxFreeConfig.for_recipe(args.recipe, data=args.data, **_parse_overrides(args.set))
     else:
         print(f"resuming {args.run} (recipe {config.recipe}); its stored config is used", flush=True)
-    estimator = load_face3dmm_estimator(config.estimator)
+    estimator_dir = estimator_path(config.estimator)
+    digest = hashlib.sha256((estimator_dir / WEIGHTS_FILE).read_bytes()).hexdigest()
+    if config.estimator_sha256 is None:
+        config = dataclasses.replace(config, estimator_sha256=digest)
+    elif config.estimator_sha256 != digest:
+        parser.error(f"{estimator_dir} is not the F_R this run started with (its c normalisation and loss differ)")
+    estimator = load_face3dmm_estimator(estimator_dir)
     data = renders = None
     if args.minutes > 0:
         raw = images_from_archive(args.data or config.data, split=config.split, label_key=config.label_key)
