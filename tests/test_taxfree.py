@@ -75,8 +75,9 @@ def estimator_dir(archive, tmp_path_factory):
     model, history = train_estimator(Face3DMMEstimator(**TINY_ESTIMATOR, mean=mean, std=std), train, val, epochs=1,
                                      minutes=5, batch=4)
     metrics = parameter_errors(val["labels"].numpy(), val["labels"].numpy(), NUM_IDENTITY)
-    return export(model, tmp_path_factory.mktemp("estimator"), {"data": str(archive), "train_count": 8,
-                  "val_count": 2, "test_count": 2, "batch": 4, "lr": 2e-3}, metrics, metrics, history)
+    training = {"data": str(archive), "train_count": 8, "val_count": 2, "test_count": 2, "batch": 4, "lr": 2e-3,
+                "weight_decay": 1e-4}
+    return export(model, tmp_path_factory.mktemp("estimator"), training, metrics, metrics, history)
 
 
 # ---- F_R -------------------------------------------------------------------------------------------------------

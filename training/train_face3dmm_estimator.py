@@ -104,11 +104,12 @@ def predict(model: Face3DMMEstimator, images: torch.Tensor, batch: int = 256) ->
 
 
 def train_estimator(model: Face3DMMEstimator, train: dict, val: dict, epochs: int, minutes: float,
-                    batch: int = 64, lr: float = 2e-3, seed: int = 0) -> tuple[Face3DMMEstimator, list[dict]]:
+                    batch: int = 64, lr: float = 2e-3, weight_decay: float = 1e-4,
+                    seed: int = 0) -> tuple[Face3DMMEstimator, list[dict]]:
     """Train with flips and a cosine schedule until `epochs` or the time budget; returns the best-val model."""
     generator = torch.Generator().manual_seed(seed)
     groups = parameter_groups(model.num_identity)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     count = train["images"].shape[0]
     steps_per_epoch = max(count // batch, 1)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=epochs * steps_per_epoch,
@@ -180,7 +181,8 @@ resized to {config['init_kwargs']['input_size']} px inside the network) and is u
   weights.
 * **Recipe:** random x-flips with the archive's flip rules, group-balanced MSE (each group's mean squared normalised
   error, averaged over identity / expression / rotation / translation / scale / lighting), AdamW lr
-  {config['training']['lr']} one-cycle, batch {config['training']['batch']}, {len(history)} epochs in
+  {config['training']['lr']} one-cycle, weight decay {config['training']['weight_decay']}, batch
+  {config['training']['batch']}, {len(history)} epochs in
   {history[-1]['elapsed_s']:.0f} s on 2 shared CPU cores; kept epoch {best['epoch']} (val loss {best['val_loss']:.4f}).
 
 ## Test-split errors ({config['training']['test_count']} samples)
@@ -243,6 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--minutes", type=float, default=14.0, help="training time budget")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW (decoupled) weight decay")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -252,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     mean, std = normalisation_stats(train)
     model = Face3DMMEstimator(num_identity=train["num_identity"], input_size=args.input_size, mean=mean, std=std)
     model, history = train_estimator(model, train, splits["val"], args.epochs, args.minutes, args.batch, args.lr,
-                                     args.seed)  # fmt: skip
+                                     args.weight_decay, args.seed)  # fmt: skip
     with torch.no_grad():  # evaluate what is bundled: float16-rounded weights and BatchNorm statistics
         for tensor in model.state_dict().values():
             if tensor.is_floating_point():
@@ -262,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     baseline = parameter_errors(mean.expand_as(test["labels"]).numpy(), test["labels"].numpy(), model.num_identity)
     training = {"data": str(args.data), "train_count": len(train["labels"]), "val_count": len(splits["val"]["labels"]),
                 "test_count": len(test["labels"]), "epochs": len(history), "batch": args.batch, "lr": args.lr,
-                "seed": args.seed, "history": history}  # fmt: skip
+                "weight_decay": args.weight_decay, "seed": args.seed, "history": history}  # fmt: skip
     export(model, args.out, training, metrics, baseline, history)
     print(json.dumps({"test": metrics}, indent=1), flush=True)
 

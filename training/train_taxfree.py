@@ -29,6 +29,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,7 +101,7 @@ def render_targets(raw_labels: torch.Tensor, resolution: int, workers: int = 1) 
     """uint8 [N, 4, r, r]: the SH-shaded 3DMM render (RGB) and its coverage mask (255 inside) of each label."""
     items = [(vector, resolution) for vector in raw_labels.numpy()]
     if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:  # CUDA-safe
             renders = list(pool.map(_render_one, items, chunksize=16))
     else:
         renders = [_render_one(item) for item in items]
