@@ -10,9 +10,9 @@ from __future__ import annotations
 from types import ModuleType
 
 from core.weights import Registry
-from tabs import beauty, latents2semantics
+from tabs import beauty, latents2semantics, taxfree
 
-METHOD_TABS: tuple[ModuleType, ...] = (latents2semantics, beauty)
+METHOD_TABS: tuple[ModuleType, ...] = (taxfree, latents2semantics, beauty)
 
 
 def available_tabs(registry: Registry) -> list[ModuleType]:
