@@ -204,9 +204,15 @@ class StyleGAN2Trainer:
             labels = torch.where(mirror.reshape(-1, 1), self.data.mirrored_labels[index], labels)
         return labels
 
+    def _random_label_indices(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Indices of random training samples and whether to use their mirrored labels (as often as for reals)."""
+        index = torch.randint(self.data.images.shape[0], [batch], device=self.device)
+        mirror = torch.rand([batch], device=self.device) < (0.5 if self.config.mirror else 0.0)
+        return index, mirror
+
     def _fake_labels(self) -> torch.Tensor:
-        n = self.data.images.shape[0]
-        return self._labels(torch.randint(n, [self.config.batch], device=self.device))
+        """Fake c drawn like the reals' c: random samples, mirrored half of the time when reals are x-flipped."""
+        return self._labels(*self._random_label_indices(self.config.batch))
 
     def _mapping(self, z, c, update_emas=False):
         """ws with style mixing: with probability `style_mixing` the ws after a random cutoff come from a new z."""

@@ -144,16 +144,6 @@ class TaxFreeTrainer(StyleGAN2Trainer):
                 raise ValueError("render_weight > 0 needs one render per training image")
             self.renders = renders.to(self.device)
 
-    def _random_label_indices(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Indices of random training samples and whether to use their mirrored labels (as often as for reals)."""
-        index = torch.randint(self.data.images.shape[0], [batch], device=self.device)
-        mirror = torch.rand([batch], device=self.device) < (0.5 if self.config.mirror else 0.0)
-        return index, mirror
-
-    def _fake_labels(self) -> torch.Tensor:
-        """Fake c drawn like the reals' c: random samples, mirrored half of the time when reals are x-flipped."""
-        return self._labels(*self._random_label_indices(self.config.batch))
-
     def _conditioning_losses(self, batch: int) -> dict[str, torch.Tensor]:
         """Consistency (and render) losses of G(z, c) with c drawn like `_fake_labels`."""
         cfg = self.config
