@@ -146,3 +146,33 @@ def test_cli_runs_all_stages_resumes_and_exports_a_style_delta(bases, tmp_path):
     assert (render(styled) - render(base)).abs().max() > 1e-3
 
     assert main(_args(bases, run, "--stage", "encoder")) == 2  # reported TODO
+
+
+class _CropArchive:
+    """Stand-in for a face archive: named random crops."""
+
+    def __init__(self, count: int):
+        self.names = [f"set/{index:03d}.jpg" for index in range(count)]
+        self._images = np.random.default_rng(1).integers(0, 256, [count, 32, 32, 3], dtype=np.uint8)
+
+    def __len__(self):
+        return len(self.names)
+
+    def image(self, index):
+        return self._images[index]
+
+
+def test_exemplar_sets_are_nested_filtered_crops_with_a_source_note(tmp_path):
+    from training.agile_exemplars import build_exemplars, pick_samples
+
+    assert list(pick_samples(5, 30, 0)) == list(pick_samples(10, 30, 0)[:5])
+    archive = _CropArchive(30)
+    out = build_exemplars(archive, "sketch", 5, tmp_path / "ex", seed=0, origin="of a test archive")
+    files = sorted(p.name for p in out.glob("*.png"))
+    assert len(files) == 5 and files[0] == "00_sketch.png"
+    first = np.array(Image.open(out / files[0]))
+    assert first.shape == (32, 32, 3)
+    assert not np.array_equal(first, archive.image(int(pick_samples(1, 30, 0)[0])))
+    note = (out / "SOURCE.md").read_text()
+    assert "sketch" in note and "non-commercial" in note
+    assert archive.names[int(pick_samples(1, 30, 0)[0])] in note
