@@ -5,10 +5,19 @@ the frontal conditioning camera and truncation psi) or is given as ws (e.g. from
 generated once and rendered deterministically from an orbit grid of (yaw, pitch) cameras and a turntable of yaws;
 the head's mesh is the density lattice's level set (`core.nets.shape`), coloured by the renderer's features at the
 surface and written as a GLB within the face budget with provenance. Every stage is timed.
+
+Photo path (3D GAN inversion): `core.face.prepare_face` aligns the largest face and estimates its pose; the pose
+gives the input camera, the `Head3DEncoder` maps the crop and camera to ws, optionally refined by a few Adam steps
+on W+ (pixel L2 + identity loss at the input camera); the identity cosine of the input to the frontal render is
+reported. Styles: registry entries whose config is {"kind": "style_delta", "base": <this model>} hold a parameter
+delta applied to a copy of the generator with `core.nets.style_delta.apply_style_delta(generator, delta)`;
+`stylize` renders the same ws with the original and the stylized generator and compares identities per view.
 """
 
 from __future__ import annotations
 
+import copy
+import json
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -17,22 +26,48 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import trimesh
 
+from core.face import ImageSource, prepare_face
+from core.identity import IdentityEncoder, cosine_similarity, image_to_tensor
 from core.mesh import DEFAULT_FACE_BUDGET, export_glb
 from core.nets import generator_from_config
 from core.nets.camera import EG3D_CAMERA_RADIUS, EG3D_LOOKAT, camera_label
+from core.nets.encoders import build_head3d_encoder
 from core.nets.shape import OFFICIAL_LEVEL, extract_mesh
 from core.provenance import Provenance
 from core.runtime import Runtime
+from core.weights import Registry, WeightsError
 
 MODEL_NAME = "head3d-faces128"
+ENCODER_NAME = "head3d-encoder-faces128"
+IDENTITY_NAME = "identity-resnet"
+STYLE_KIND = "style_delta"
 METHOD = "head3d"
+STYLE_METHOD = "stylize3d"
 ORBIT_YAWS = (-40.0, -20.0, 0.0, 20.0, 40.0)
 ORBIT_PITCHES = (-15.0, 0.0, 15.0)
 TURNTABLE_FRAMES = 24
 TURNTABLE_MAX_YAW = 60.0
 RENDER_BATCH = 8
+
+
+@dataclass
+class PhotoInversion:
+    """A photo inverted into the generator: the aligned input crop (uint8), its estimated yaw and pitch (the input
+    camera), ws, the renders at the input camera and frontal (uint8), the identity cosine of the input to the
+    frontal render, the refinement steps run, and the face input's warnings."""
+
+    aligned: np.ndarray
+    yaw: float
+    pitch: float
+    ws: torch.Tensor
+    reconstruction: np.ndarray
+    frontal: np.ndarray
+    identity_similarity: float
+    refine_steps: int
+    warnings: list[str]
 
 
 @dataclass
@@ -51,6 +86,26 @@ class Head3DResult:
     timings: dict[str, float]
     provenance: Provenance
     warnings: list[str] = field(default_factory=list)
+    inversion: PhotoInversion | None = None
+
+
+@dataclass
+class StyleComparison:
+    """The same head rendered by the original and the stylized generator from `views` ((yaw, pitch) pairs):
+    uint8 [V, S, S, 3] each, the identity cosine original <-> stylized per view, the stylized GLB (None when no
+    surface), timings in seconds, provenance, warnings and the photo inversion (photo input only)."""
+
+    style: str | None
+    views: tuple[tuple[float, float], ...]
+    original: np.ndarray
+    stylized: np.ndarray
+    identity_similarity: list[float]
+    glb_path: Path | None
+    mesh_faces: int | None
+    timings: dict[str, float]
+    provenance: Provenance
+    warnings: list[str] = field(default_factory=list)
+    inversion: PhotoInversion | None = None
 
 
 def build_head3d(config: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
@@ -58,6 +113,33 @@ def build_head3d(config: dict[str, Any], state_dict: dict[str, torch.Tensor]) ->
     generator = generator_from_config(config)
     generator.load_state_dict(state_dict, strict=True)
     return generator
+
+
+def build_identity(config: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> IdentityEncoder:
+    """`Runtime.get_model` builder: the identity network of a bundled `config.json` with its weights."""
+    identity = IdentityEncoder(config)
+    identity.load_state_dict({key: value.float() for key, value in state_dict.items()})
+    return identity
+
+
+def available_styles(registry: Registry, base: str = MODEL_NAME) -> list[str]:
+    """Registry names of the style deltas for `base` whose files are here (bundled or cached), sorted."""
+    styles = []
+    for name in registry.names:
+        _, paths = registry.locate(name)
+        if paths is None or "config.json" not in paths:
+            continue
+        config = json.loads(paths["config.json"].read_text())
+        if config.get("kind") == STYLE_KIND and config.get("base") == base:
+            styles.append(name)
+    return styles
+
+
+def view_yaws(count: int, yaw_range: float) -> tuple[float, ...]:
+    """`count` yaws evenly spread over [-yaw_range, +yaw_range] (0 for a single view)."""
+    if count <= 1:
+        return (0.0,)
+    return tuple(float(yaw) for yaw in np.linspace(-yaw_range, yaw_range, count))
 
 
 def turntable_yaws(frames: int, max_yaw: float = TURNTABLE_MAX_YAW) -> tuple[float, ...]:
@@ -71,25 +153,52 @@ def _to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 class Head3DPipeline:
-    """Seed or ws -> orbit renders, turntable and GLB; build with `from_pretrained` or pass a generator."""
+    """Seed, ws or photo -> orbit renders, turntable and GLB; build with `from_pretrained` or pass a generator
+    (and, for photos and identity numbers, a `Head3DEncoder` and an `IdentityEncoder`)."""
 
     def __init__(self, generator: torch.nn.Module, runtime: Runtime | None = None, model_name: str = MODEL_NAME,
-                 revision: str | None = None):
+                 revision: str | None = None, encoder: torch.nn.Module | None = None,
+                 identity: torch.nn.Module | None = None):
         self.runtime = runtime or Runtime("cpu")
         self.generator = generator.to(self.runtime.device).eval().requires_grad_(False)
         self.model_name = model_name
         self.revision = revision
+        self.encoder = encoder.to(self.runtime.device).eval() if encoder is not None else None
+        self.identity = identity.to(self.runtime.device).eval() if identity is not None else None
         rendering = generator.rendering_kwargs
         self.camera_radius = float(rendering.get("avg_camera_radius", EG3D_CAMERA_RADIUS))
         self.camera_pivot = tuple(rendering.get("avg_camera_pivot", EG3D_LOOKAT))
 
     @classmethod
-    def from_pretrained(cls, name: str = MODEL_NAME, runtime: Runtime | None = None) -> "Head3DPipeline":
+    def from_pretrained(cls, name: str = MODEL_NAME, runtime: Runtime | None = None,
+                        encoder: str | None = ENCODER_NAME, identity: str | None = IDENTITY_NAME) -> "Head3DPipeline":
         """The registry model `name` (float32: volume rendering stays in float32; the generator's own blocks use
-        float16 on CUDA). Raises `core.weights.WeightsError` when its weights are unavailable."""
+        float16 on CUDA), with the photo encoder and identity network when they are registered and here. Raises
+        `core.weights.WeightsError` when the generator's weights are unavailable."""
         runtime = runtime or Runtime()
         generator = runtime.get_model(name, build_head3d, dtype=torch.float32)
-        return cls(generator, runtime, name, runtime.registry.entry(name).revision)
+
+        def optional(model_name, builder):
+            registry = runtime.registry
+            if model_name is None or model_name not in registry.names or registry.locate(model_name)[0] == "missing":
+                return None
+            return runtime.get_model(model_name, builder, dtype=torch.float32)
+
+        return cls(generator, runtime, name, runtime.registry.entry(name).revision,
+                   encoder=optional(encoder, build_head3d_encoder), identity=optional(identity, build_identity))
+
+    def style_generator(self, style: str) -> torch.nn.Module:
+        """The generator with the registry style delta `style` applied (a copy; cached by the runtime)."""
+        config = self.runtime.registry.load_config(style)
+        if config.get("kind") != STYLE_KIND or config.get("base") != self.model_name:
+            raise WeightsError(f"'{style}' is not a style of {self.model_name}.")
+
+        def build(_config, delta):
+            from core.nets.style_delta import apply_style_delta
+
+            return apply_style_delta(copy.deepcopy(self.generator), delta)
+
+        return self.runtime.get_model(style, build, dtype=torch.float32)
 
     def camera(self, yaw_deg: float, pitch_deg: float) -> torch.Tensor:
         """[1, 25] label of the camera at (yaw, pitch) degrees around the generator's pivot."""
@@ -115,20 +224,109 @@ class Head3DPipeline:
             images.append(_to_uint8(out["image"]))
         return np.concatenate(images)
 
+    def identity_similarity(self, images_a: np.ndarray, images_b: np.ndarray) -> list[float]:
+        """Identity cosine of pair i of two uint8 batches [N, S, S, 3] of aligned faces (renders or crops)."""
+        if self.identity is None:
+            raise WeightsError("Identity similarity needs the identity network (identity-resnet).")
+
+        def embed(images):
+            return self.identity.embed_aligned(torch.cat([image_to_tensor(image) for image in images])
+                                               .to(self.runtime.device))
+
+        similarity = self.runtime.run(lambda dtype: cosine_similarity(embed(images_a), embed(images_b)),
+                                      fp16_safe=False, what="The identity network")
+        return [round(float(value), 4) for value in similarity]
+
+    def refine(self, ws: torch.Tensor, target: torch.Tensor, camera: torch.Tensor, steps: int, lr: float = 0.01,
+               identity_weight: float = 0.5) -> torch.Tensor:
+        """`steps` Adam steps on W+ minimising pixel L2 + identity_weight * (1 - identity cosine) between the
+        render at `camera` and the aligned `target` ([1, 3, S, S] in [-1, 1])."""
+        latent = ws.detach().clone().requires_grad_(True)
+        optimizer = torch.optim.Adam([latent], lr=lr)
+        with torch.no_grad():
+            anchor = self.identity.embed_aligned(target)
+        for _step in range(steps):
+            image = self.generator.synthesis(latent, camera, deterministic=True, noise_mode="const")["image"]
+            similarity = cosine_similarity(self.identity.embed_aligned(image), anchor)
+            loss = F.mse_loss(image, target) + identity_weight * (1 - similarity).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        return latent.detach()
+
+    def invert(self, photo: ImageSource, refine_steps: int = 0, refine_lr: float = 0.01,
+               identity_weight: float = 0.5) -> PhotoInversion:
+        """Photo -> aligned crop and pose camera -> encoder ws (-> `refine_steps` refinement steps); raises
+        `core.face.FaceInputError` for a bad photo and `WeightsError` without the encoder or identity network."""
+        if self.encoder is None or self.identity is None:
+            raise WeightsError(f"Photo input needs the 3D head encoder ({ENCODER_NAME}) and the identity network "
+                               f"({IDENTITY_NAME}); they are not available.")
+        prepared = prepare_face(photo, size=self.generator.img_resolution)
+        yaw, pitch = float(prepared.pose.yaw), float(prepared.pose.pitch)
+        target = image_to_tensor(prepared.image).to(self.runtime.device)
+        camera = self.camera(yaw, pitch)
+        ws = self.runtime.run(lambda dtype: self.encoder(target, camera), fp16_safe=False,
+                              what="The 3D head encoder")
+        if refine_steps > 0:
+            ws = self.runtime.run(lambda dtype: self.refine(ws, target, camera, refine_steps, refine_lr,
+                                                            identity_weight),
+                                  fp16_safe=False, grad=True, what="The latent refinement")
+        reconstruction, frontal = self.runtime.run(lambda dtype: self.render_views(ws, [(yaw, pitch), (0.0, 0.0)]),
+                                                   fp16_safe=False, what="The 3D head generator")
+        similarity = self.identity_similarity(prepared.image[None], frontal[None])[0]
+        return PhotoInversion(prepared.image, yaw, pitch, ws, reconstruction, frontal, similarity, int(refine_steps),
+                              list(prepared.warnings))
+
+    def mesh(self, ws: torch.Tensor, path: Path, provenance: Provenance, resolution: int = 128,
+             level: float = OFFICIAL_LEVEL, face_budget: int = DEFAULT_FACE_BUDGET
+             ) -> tuple[Path | None, int | None, list[str]]:
+        """(GLB path, face count, warnings) of the level surface of ws[:1], written to `path`; (None, None,
+        [warning]) when there is no surface at `level`."""
+        try:
+            vertices, faces, colors = self.runtime.run(
+                lambda dtype: extract_mesh(self.generator, ws, resolution, level), fp16_safe=False,
+                what="The 3D head generator")
+        except ValueError:  # marching cubes finds no surface at this level
+            return None, None, [f"No surface at density level {level}; no mesh was written."]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        glb_path = export_glb(path, vertices, faces, vertex_colors=colors, metadata=provenance,
+                              face_budget=face_budget)
+        return glb_path, len(trimesh.load(glb_path, force="mesh").faces), []
+
+    def _latent(self, seed: int, truncation_psi: float, ws: torch.Tensor | None, photo: ImageSource | None,
+                refine_steps: int, timings: dict[str, float]) -> tuple[torch.Tensor, PhotoInversion | None, str]:
+        """(ws, inversion or None, latent source name) from a photo, given ws or a seed, timed into `timings`."""
+        start = time.perf_counter()
+        inversion = None
+        if photo is not None:
+            inversion = self.invert(photo, refine_steps)
+            ws, source = inversion.ws, "photo"
+            timings["inversion_s"] = round(time.perf_counter() - start, 3)
+        elif ws is not None:
+            ws, source = ws.to(self.runtime.device, torch.float32), "given ws"
+        else:
+            ws = self.runtime.run(lambda dtype: self.latent(seed, truncation_psi), fp16_safe=False,
+                                  what="The 3D head generator")
+            source = "seed"
+            timings["latent_s"] = round(time.perf_counter() - start, 3)
+        return ws, inversion, source
+
     def __call__(self, seed: int = 0, truncation_psi: float = 0.7, ws: torch.Tensor | None = None,
                  yaws: tuple[float, ...] = ORBIT_YAWS, pitches: tuple[float, ...] = ORBIT_PITCHES,
                  turntable_frames: int = TURNTABLE_FRAMES, mesh: bool = True, mesh_resolution: int = 128,
                  mesh_level: float = OFFICIAL_LEVEL, face_budget: int = DEFAULT_FACE_BUDGET,
-                 output_dir: str | Path | None = None) -> Head3DResult:
-        """Generate one head from `seed` (or the given `ws`, e.g. an inversion) and render, turn and mesh it."""
+                 output_dir: str | Path | None = None, photo: ImageSource | None = None,
+                 refine_steps: int = 0) -> Head3DResult:
+        """Generate one head from `seed` (or the given `ws`, or an inverted `photo`) and render, turn and mesh it."""
         yaws, pitches = tuple(float(y) for y in yaws), tuple(float(p) for p in pitches)
         table_yaws = turntable_yaws(turntable_frames)
-        provenance = Provenance(METHOD, self.model_name, self.revision, None if ws is not None else seed,
-                                {"truncation_psi": truncation_psi, "yaws": yaws, "pitches": pitches,
-                                 "latent": "given ws" if ws is not None else "seed",
-                                 "mesh_resolution": mesh_resolution, "mesh_level": mesh_level})
         timings: dict[str, float] = {}
         started = time.perf_counter()
+        ws, inversion, source = self._latent(seed, truncation_psi, ws, photo, refine_steps, timings)
+        provenance = Provenance(METHOD, self.model_name, self.revision, seed if source == "seed" else None,
+                                {"truncation_psi": truncation_psi, "yaws": yaws, "pitches": pitches,
+                                 "latent": source, "refine_steps": refine_steps if inversion else 0,
+                                 "mesh_resolution": mesh_resolution, "mesh_level": mesh_level})
 
         def timed(name, fn):
             start = time.perf_counter()
@@ -136,32 +334,65 @@ class Head3DPipeline:
             timings[f"{name}_s"] = round(time.perf_counter() - start, 3)
             return value
 
-        if ws is None:
-            ws = timed("latent", lambda: self.latent(seed, truncation_psi))
-        else:
-            ws = ws.to(self.runtime.device, torch.float32)
         grid_views = [(yaw, pitch) for pitch in pitches for yaw in yaws]
         orbit = timed("orbit", lambda: self.render_views(ws, grid_views))
         orbit = orbit.reshape(len(pitches), len(yaws), *orbit.shape[1:])
         turntable = list(timed("turntable", lambda: self.render_views(ws, [(yaw, 0.0) for yaw in table_yaws])))
 
-        glb_path, mesh_faces, warnings = None, None, []
+        glb_path, mesh_faces, warnings = None, None, list(inversion.warnings) if inversion else []
         if mesh:
             start = time.perf_counter()
-            try:
-                vertices, faces, colors = self.runtime.run(
-                    lambda dtype: extract_mesh(self.generator, ws, mesh_resolution, mesh_level), fp16_safe=False,
-                    what="The 3D head generator")
-            except ValueError:  # marching cubes finds no surface at this level
-                warnings.append(f"No surface at density level {mesh_level}; no mesh was written.")
-            else:
-                directory = Path(output_dir or tempfile.mkdtemp(prefix="head3d_"))
-                directory.mkdir(parents=True, exist_ok=True)
-                stem = "head3d_given_ws" if provenance.seed is None else f"head3d_seed{seed}"
-                glb_path = export_glb(directory / f"{stem}.glb", vertices, faces, vertex_colors=colors,
-                                      metadata=provenance, face_budget=face_budget)
-                mesh_faces = len(trimesh.load(glb_path, force="mesh").faces)
+            directory = Path(output_dir or tempfile.mkdtemp(prefix="head3d_"))
+            stem = f"head3d_seed{seed}" if source == "seed" else f"head3d_{source.replace(' ', '_')}"
+            glb_path, mesh_faces, mesh_warnings = self.mesh(ws, directory / f"{stem}.glb", provenance,
+                                                            mesh_resolution, mesh_level, face_budget)
+            warnings += mesh_warnings
             timings["mesh_s"] = round(time.perf_counter() - start, 3)
         timings["total_s"] = round(time.perf_counter() - started, 3)
         return Head3DResult(orbit, yaws, pitches, turntable, table_yaws, glb_path, mesh_faces, timings, provenance,
-                            warnings)
+                            warnings, inversion)
+
+    def stylize(self, style: str | None = None, seed: int = 0, truncation_psi: float = 0.7,
+                photo: ImageSource | None = None, refine_steps: int = 0, yaws: tuple[float, ...] = ORBIT_YAWS,
+                pitch: float = 0.0, mesh: bool = True, mesh_resolution: int = 128, mesh_level: float = OFFICIAL_LEVEL,
+                face_budget: int = DEFAULT_FACE_BUDGET, output_dir: str | Path | None = None) -> StyleComparison:
+        """Render the head of `seed` (or the inverted `photo`) with the original generator and with the registry
+        style `style` (None: the original again) from yaws at `pitch`; identity cosine per view; stylized GLB."""
+        views = tuple((float(yaw), float(pitch)) for yaw in yaws)
+        timings: dict[str, float] = {}
+        started = time.perf_counter()
+        ws, inversion, source = self._latent(seed, truncation_psi, None, photo, refine_steps, timings)
+        provenance = Provenance(STYLE_METHOD, self.model_name, self.revision, seed if source == "seed" else None,
+                                {"style": style or "original", "truncation_psi": truncation_psi, "views": views,
+                                 "latent": source, "refine_steps": refine_steps if inversion else 0,
+                                 "mesh_resolution": mesh_resolution, "mesh_level": mesh_level})
+        styled = self
+        if style is not None:
+            start = time.perf_counter()
+            styled = Head3DPipeline(self.style_generator(style), self.runtime, self.model_name, self.revision,
+                                    identity=self.identity)
+            timings["style_load_s"] = round(time.perf_counter() - start, 3)
+
+        def timed(name, fn):
+            start = time.perf_counter()
+            value = self.runtime.run(lambda dtype: fn(), fp16_safe=False, what="The 3D head generator")
+            timings[f"{name}_s"] = round(time.perf_counter() - start, 3)
+            return value
+
+        original = timed("original_views", lambda: self.render_views(ws, list(views)))
+        stylized = timed("stylized_views", lambda: styled.render_views(ws, list(views))) if style else original
+        start = time.perf_counter()
+        similarity = self.identity_similarity(original, stylized)
+        timings["identity_s"] = round(time.perf_counter() - start, 3)
+
+        glb_path, mesh_faces, warnings = None, None, list(inversion.warnings) if inversion else []
+        if mesh:
+            start = time.perf_counter()
+            directory = Path(output_dir or tempfile.mkdtemp(prefix="stylize3d_"))
+            glb_path, mesh_faces, mesh_warnings = styled.mesh(ws, directory / f"{style or 'original'}.glb",
+                                                              provenance, mesh_resolution, mesh_level, face_budget)
+            warnings += mesh_warnings
+            timings["mesh_s"] = round(time.perf_counter() - start, 3)
+        timings["total_s"] = round(time.perf_counter() - started, 3)
+        return StyleComparison(style, views, original, stylized, similarity, glb_path, mesh_faces, timings,
+                               provenance, warnings, inversion)

@@ -1,0 +1,134 @@
+"""Model-card metrics of a 3D head generator export (and of its photo encoder), as JSON.
+
+    python -m training.eval_head3d --generator weights/head3d_faces128 --data datasets/faces/faces128.npz \
+        [--encoder weights/head3d_encoder_faces128] --seeds 64 --photos 32 --out runs/head3d_eval.json
+
+* `face_detection_rate`: fraction of renders (seeds x yaw -40, -20, 0, 20, 40) in which `core.face` finds a face.
+* `identity_consistency`: identity cosine of each seed's frontal render to its yaw -30 and +30 renders (mean).
+* Depth sanity (frontal renders): the renderer's depth at the nose tip against the cheeks, at MediaPipe landmarks
+  when the render has a detected face, else at the FFHQ-aligned mean positions. `nose_in_front_rate` is the
+  fraction of seeds whose nose is nearer than both cheeks, `nose_depth_margin` the mean (cheek - nose) depth in
+  world units (positive: nose in front).
+* `fd_id`: Frechet distance of identity embeddings, frontal renders vs the archive's test crops.
+* With an encoder: `inversion_identity` (mean identity cosine of each test crop to the frontal render of its
+  inversion) over `--photos` test crops, with `--refine-steps` refinement steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from core.face import detect_faces
+from core.nets import CONFIG_FILE, WEIGHTS_FILE, load_generator
+from core.nets.encoders import build_head3d_encoder
+from core.pipelines.head3d import Head3DPipeline
+from core.runtime import Runtime
+from training.eval.faces import face_detection_rate, frechet_identity_distance, identity_encoder
+
+DETECTION_YAWS = (-40.0, -20.0, 0.0, 20.0, 40.0)
+CONSISTENCY_YAW = 30.0
+NOSE_TIP, RIGHT_CHEEK, LEFT_CHEEK = 1, 50, 280  # MediaPipe face-mesh indices
+# (x, y) of the nose tip and the cheeks in an FFHQ-aligned crop, as fractions of its side
+ALIGNED_NOSE_AND_CHEEKS = ((0.5, 0.56), (0.35, 0.55), (0.65, 0.55))
+
+
+def nose_and_cheek_positions(image: np.ndarray) -> np.ndarray:
+    """[3, 2] (x, y) fractions of the image side of the nose tip and the two cheeks of a frontal render."""
+    faces = detect_faces(image)
+    if not faces:
+        return np.asarray(ALIGNED_NOSE_AND_CHEEKS, np.float32)
+    points = faces[0].landmarks[[NOSE_TIP, RIGHT_CHEEK, LEFT_CHEEK]]
+    return (points / image.shape[1]).astype(np.float32)
+
+
+@torch.no_grad()
+def nose_depth_margin(pipeline: Head3DPipeline, ws: torch.Tensor, image: np.ndarray) -> float:
+    """Mean cheek depth minus nose depth (world units) of the frontal render of ws; positive = nose in front."""
+    out = pipeline.generator.synthesis(ws, pipeline.camera(0, 0), deterministic=True, noise_mode="const")
+    depth = out["image_depth"][0, 0].cpu().numpy()
+    size = depth.shape[-1]
+    positions = np.clip((nose_and_cheek_positions(image) * size).astype(int), 0, size - 1)
+    nose, *cheeks = (float(depth[y, x]) for x, y in positions)
+    return min(cheeks) - nose
+
+
+def evaluate(pipeline: Head3DPipeline, test_crops: list[np.ndarray], seeds: int = 64, photos: int = 0,
+             refine_steps: int = 0, truncation_psi: float = 0.7) -> dict[str, Any]:
+    """The metrics above for `seeds` seeds (and `photos` inversions when the pipeline has an encoder)."""
+    if seeds < 2:
+        raise ValueError("need at least 2 seeds (FD-id)")
+    views = [(yaw, 0.0) for yaw in DETECTION_YAWS] + [(-CONSISTENCY_YAW, 0.0), (CONSISTENCY_YAW, 0.0)]
+    renders, frontal, turned, margins = [], [], [], []
+    for seed in range(seeds):
+        ws = pipeline.latent(seed, truncation_psi)
+        images = pipeline.render_views(ws, views)
+        renders.extend(images[:len(DETECTION_YAWS)])
+        frontal.append(images[DETECTION_YAWS.index(0.0)])
+        turned.append(images[len(DETECTION_YAWS):])
+        margins.append(nose_depth_margin(pipeline, ws, frontal[-1]))
+    consistency = [pipeline.identity_similarity(np.stack([front, front]), pair)
+                   for front, pair in zip(frontal, turned)]
+    metrics: dict[str, Any] = {
+        "seeds": seeds,
+        "face_detection_rate": face_detection_rate(renders),
+        "identity_consistency": float(np.mean(consistency)),
+        "nose_in_front_rate": float(np.mean([margin > 0 for margin in margins])),
+        "nose_depth_margin": float(np.mean(margins)),
+        "fd_id": frechet_identity_distance(frontal, test_crops, pipeline.identity),
+        "test_crops": len(test_crops),
+    }
+    if photos and pipeline.encoder is not None:
+        similarities = [pipeline.invert(crop, refine_steps).identity_similarity for crop in test_crops[:photos]]
+        metrics.update(inversion_identity=float(np.mean(similarities)), inversion_photos=len(similarities),
+                       refine_steps=refine_steps)
+    return metrics
+
+
+def load_pipeline(generator_dir: str | Path, encoder_dir: str | Path | None = None,
+                  device: str = "cpu") -> Head3DPipeline:
+    """A pipeline over a head3d export (and an encoder export) with the bundled identity network."""
+    encoder = None
+    if encoder_dir is not None:
+        config = json.loads((Path(encoder_dir) / CONFIG_FILE).read_text())
+        encoder = build_head3d_encoder(config, load_file(str(Path(encoder_dir) / WEIGHTS_FILE)))
+    return Head3DPipeline(load_generator(generator_dir), Runtime(device), model_name=str(generator_dir),
+                          encoder=encoder, identity=identity_encoder())
+
+
+def main(argv: list[str] | None = None) -> None:
+    from training.data.archive import load_archive
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--generator", required=True, help="head3d export folder")
+    parser.add_argument("--encoder", help="Head3DEncoder export folder (adds the photo inversion metric)")
+    parser.add_argument("--data", required=True, help="archive whose test split is the FD-id reference and photos")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--seeds", type=int, default=64)
+    parser.add_argument("--photos", type=int, default=32)
+    parser.add_argument("--refine-steps", type=int, default=0)
+    parser.add_argument("--max-crops", type=int, default=1000)
+    parser.add_argument("--out", help="write the metrics JSON here")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+
+    archive = load_archive(args.data, split=args.split)
+    crops = [archive.image(i) for i in range(min(len(archive), args.max_crops))]
+    pipeline = load_pipeline(args.generator, args.encoder, args.device)
+    metrics = evaluate(pipeline, crops, args.seeds, args.photos, args.refine_steps)
+    metrics.update(generator=str(args.generator), encoder=args.encoder, data=args.data, split=args.split)
+    text = json.dumps(metrics, indent=1)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    print(text, flush=True)
+
+
+if __name__ == "__main__":
+    main()
