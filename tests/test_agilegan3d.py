@@ -12,7 +12,7 @@ from core.nets import load_generator
 from core.nets.camera import camera_label
 from core.nets.style_delta import apply_style_delta, build_style_delta
 from training.agilegan3d import (
-    AUGMENTED_FILE,
+    AgileConfig,
     LATENTS_FILE,
     MARKER_FILE,
     STAGES,
@@ -113,8 +113,6 @@ def test_cli_runs_all_stages_resumes_and_exports_a_style_delta(bases, tmp_path):
     assert "public domain" in marker["exemplar_source"]["origin"]
 
     # Stage 1 stopped by its deadline after one of its two steps: a checkpoint is left to resume from.
-    from training.agilegan3d import AgileConfig
-
     finished = run_prior_stage(run, AgileConfig(**marker["config"]), bases / "exemplars", True, bases / "base2d",
                                StepsDeadline(1), "cpu", log_every=1)
     assert not finished and (run / STATE_FILE).exists() and (run / LATENTS_FILE).exists()
