@@ -204,7 +204,7 @@ class TaxFreePipeline:
                 z = torch.from_numpy(np.random.RandomState(seed).randn(1, generator.z_dim)).float().to(device)
                 c = ((vector - self.mean[variant]) / self.std[variant])[None].to(device)
                 ws = generator.mapping(z, c, truncation_psi=truncation_psi)
-                return generator.synthesis(ws, noise_mode="const")
+                return generator.synthesis(ws, noise_mode="const", force_fp32=dtype == torch.float32)
 
             image = self.runtime.run(generate, what=f"The {variant} generator")
             images[variant] = (image[0].float() * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
