@@ -147,14 +147,29 @@ def _tiny_identity():
                             "input_size": 40})
 
 
-@pytest.mark.parametrize("objective", ["ld", "sds"])
-def test_distillation_trains_only_synthesis_and_sr_and_exports_a_delta(tmp_path, objective):
+def _tiny_setup(objective):
     torch.manual_seed(0)
     base = build_head_generator(TINY_HEAD).eval().requires_grad_(False)
     teacher = DiffusionTeacher(TINY_TEACHER)
     for parameter in teacher.parameters():  # a random teacher with non-zero outputs
         parameter.data.normal_(0, 0.2)
     config = StylizeConfig(objective=objective, lr=1e-2, delta_rank=2, yaw_range=40, identity_max_yaw=60)
+    return base, teacher, config
+
+
+def test_sds_step_trains_only_synthesis_and_sr():
+    base, teacher, config = _tiny_setup("sds")
+    trainer = StylizeTrainer(config, base, teacher, None)
+    stats = trainer.step()
+    assert stats["gradient_abs"] > 0 and "identity_cosine" not in stats
+    base_state, tuned_state = base.state_dict(), trainer.tuned.state_dict()
+    changed = {k for k in base_state if not torch.equal(base_state[k], tuned_state[k])}
+    assert changed and changed <= set(trainable_names(trainer.tuned))
+
+
+def test_ld_distillation_trains_resumes_and_exports_a_delta(tmp_path):
+    objective = "ld"
+    base, teacher, config = _tiny_setup(objective)
     trainer = StylizeTrainer(config, base, teacher, _tiny_identity())
     names = set(trainable_names(trainer.tuned))
     assert names and all(n.startswith(("backbone.synthesis.", "superresolution.")) for n in names)

@@ -214,11 +214,11 @@ class StylizeTrainer:
                 cosine = F.cosine_similarity(self.identity.embed_aligned(out["image"][near]),
                                              self.identity.embed_aligned(reference["image"][near]), dim=-1)
                 loss = loss + cfg.identity_weight * (1 - cosine).mean()
-                stats["identity_cosine"] = float(cosine.mean())
+                stats["identity_cosine"] = float(cosine.detach().mean())
         if cfg.mask_weight > 0 and "image_mask" in out:
             mask_loss = (out["image_mask"] - reference["image_mask"]).abs().mean()
             loss = loss + cfg.mask_weight * mask_loss
-            stats["mask_l1"] = float(mask_loss)
+            stats["mask_l1"] = float(mask_loss.detach())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         for parameter in self.optimizer.param_groups[0]["params"]:
