@@ -10,13 +10,12 @@ Photo path (3D GAN inversion): `core.face.prepare_face` aligns the largest face 
 gives the input camera, the `Head3DEncoder` maps the crop and camera to ws, optionally refined by a few Adam steps
 on W+ (pixel L2 + identity loss at the input camera); the identity cosine of the input to the frontal render is
 reported. Styles: registry entries whose config is {"kind": "style_delta", "base": <this model>} hold a parameter
-delta applied to a copy of the generator with `core.nets.style_delta.apply_style_delta(generator, delta)`;
+delta applied to a copy of the generator with `core.nets.style_delta.apply_style_delta`;
 `stylize` renders the same ws with the original and the stylized generator and compares identities per view.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import tempfile
 import time
@@ -193,10 +192,10 @@ class Head3DPipeline:
         if config.get("kind") != STYLE_KIND or config.get("base") != self.model_name:
             raise WeightsError(f"'{style}' is not a style of {self.model_name}.")
 
-        def build(_config, delta):
-            from core.nets.style_delta import apply_style_delta
+        def build(style_config, state_dict):
+            from core.nets.style_delta import apply_style_delta, build_style_delta
 
-            return apply_style_delta(copy.deepcopy(self.generator), delta)
+            return apply_style_delta(self.generator, build_style_delta(style_config, state_dict))
 
         return self.runtime.get_model(style, build, dtype=torch.float32)
 

@@ -1,0 +1,138 @@
+"""'3D head stylization' tab end to end: /stylize_head gives the original and stylized views with yaw captions, the
+per-view identity similarity and a GLB (+Y up). A tiny random head3d export, a tiny random photo encoder and a style
+delta of a perturbed copy are registered in a temporary registry (the real identity network is copied in)."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+
+import gradio as gr
+import pytest
+import torch
+import trimesh
+from gradio_client import Client, handle_file
+
+from core import weights as W
+from core.mesh import read_glb_asset_extras
+from core.nets.encoders import Head3DEncoder, head3d_encoder_config
+from core.nets.style_delta import make_style_delta, save_style_delta
+from core.provenance import read_png_provenance
+from core.runtime import Runtime
+from tabs import stylize3d
+from tabs.common import EXAMPLE_PHOTOS, MAX_UPLOAD_SIZE
+from tests.test_head3d import TINY
+from tests.test_head3d_encoder import TINY_ENCODER
+from training.train_head3d import Head3DTrainer
+from training.train_head3d_encoder import Head3DEncoderConfig, Head3DEncoderTrainer
+
+STYLE = "head3d-faces128-style-test"
+IDENTITY_DIR = Path(__file__).resolve().parents[1] / "weights" / "identity_resnet"
+
+
+def _register(folder: Path, name: str, registry: Path) -> None:
+    W.main(["register", str(folder), "--name", name, "--licence", "test", "--registry", str(registry)])
+
+
+def _launch(runtime: Runtime, tmp_path_factory):
+    with gr.Blocks() as demo:
+        with gr.Tab("3D head stylization"):
+            stylize3d.create_tab(runtime)
+    demo.queue(max_size=4)
+    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, max_file_size=MAX_UPLOAD_SIZE)
+    return demo, Client(url, verbose=False, download_files=str(tmp_path_factory.mktemp("downloads")))
+
+
+@pytest.fixture(scope="module")
+def weights_dir(tmp_path_factory):
+    torch.set_num_threads(2)
+    folder = tmp_path_factory.mktemp("weights")
+    registry = folder / "registry.json"
+    trainer = Head3DTrainer(TINY, None)
+    with torch.no_grad():  # a dense field, so that the official density level finds a surface
+        trainer.G_ema.decoder.net[-1].bias[0] += 20
+    trainer.export(folder / "head3d", None)
+    _register(folder / "head3d", stylize3d.MODEL_NAME, registry)
+    shutil.copytree(IDENTITY_DIR, folder / "identity")
+    _register(folder / "identity", stylize3d.IDENTITY_NAME, registry)
+    tuned = copy.deepcopy(trainer.G_ema)
+    with torch.no_grad():
+        for parameter in tuned.backbone.synthesis.parameters():
+            parameter.add_(0.2 * torch.randn_like(parameter))
+    save_style_delta(make_style_delta(trainer.G_ema, tuned, stylize3d.MODEL_NAME), folder / "style")
+    _register(folder / "style", STYLE, registry)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def client(weights_dir, tmp_path_factory):
+    registry = weights_dir / "registry.json"
+    from core.beauty import load_identity_encoder
+    from core.nets import load_generator
+
+    encoder = Head3DEncoderTrainer(Head3DEncoderConfig(encoder_overrides=TINY_ENCODER),
+                                   load_generator(weights_dir / "head3d"), load_identity_encoder("identity-resnet"))
+    encoder.export(weights_dir / "encoder")
+    _register(weights_dir / "encoder", stylize3d.ENCODER_NAME, registry)
+    demo, client = _launch(Runtime("cpu", registry=W.Registry.load(registry)), tmp_path_factory)
+    yield client
+    demo.close()
+
+
+def _check_glb(path: str) -> None:
+    mesh = trimesh.load(path, force="mesh")
+    assert 0 < len(mesh.faces) <= 100_000
+    extent = mesh.bounds[1] - mesh.bounds[0]
+    assert extent[1] > 0 and read_glb_asset_extras(path)["method"] == "stylize3d"
+    scene = trimesh.load(path)  # glTF is +Y up: the head's up axis stays Y after loading
+    assert scene.bounds[1][1] > scene.bounds[0][1]
+
+
+def test_seed_with_style_gives_views_similarities_and_glb(client):
+    original, stylized, glb, table, info = client.predict("seed", 4, None, 0, STYLE, 3, 30, 5,
+                                                          api_name="/stylize_head")
+    assert [item["caption"] for item in original] == ["yaw -30°", "yaw +0°", "yaw +30°"]
+    assert [item["caption"] for item in stylized] == ["yaw -30°", "yaw +0°", "yaw +30°"]
+    record = read_png_provenance(stylized[0]["image"])
+    assert record["seed"] == 4 and record["parameters"]["style"] == STYLE
+    rows = table["data"]
+    assert [row[0] for row in rows] == [-30, 0, 30]
+    assert all(-1 <= row[1] <= 1 for row in rows) and any(row[1] < 0.9999 for row in rows)  # the style changes it
+    _check_glb(glb)
+    assert STYLE in info and "total" in info
+
+
+def test_original_compares_with_itself_and_photo_source(client):
+    _, _, glb, table, info = client.predict("seed", 4, None, 0, "original", 1, 30, 0, api_name="/stylize_head")
+    assert [row[0] for row in table["data"]] == [0] and table["data"][0][1] == pytest.approx(1, abs=1e-3)
+    assert "itself" in info
+    _, stylized, glb, table, info = client.predict("photo", 0, handle_file(EXAMPLE_PHOTOS[0]), 1, STYLE, 2, 20, 0,
+                                                   api_name="/stylize_head")
+    assert len(stylized) == 2 and len(table["data"]) == 2 and "Photo pose" in info
+    _check_glb(glb)
+
+
+def test_bad_input_gets_clear_messages(client):
+    with pytest.raises(Exception, match="(?i)upload"):
+        client.predict("photo", 0, None, 0, STYLE, 3, 30, 0, api_name="/stylize_head")
+    with pytest.raises(Exception, match="(?i)choices"):
+        client.predict("seed", 0, None, 0, "cartoon", 3, 30, 0, api_name="/stylize_head")
+
+
+def test_without_styles_only_original_with_a_note(weights_dir, tmp_path_factory):
+    registry = W.Registry.load(weights_dir / "registry.json")
+    registry._entries.pop(STYLE)
+    registry._entries.pop(stylize3d.ENCODER_NAME, None)
+    assert stylize3d.available_styles(registry) == []
+    demo, client = _launch(Runtime("cpu", registry=registry), tmp_path_factory)
+    try:
+        _, stylized, _, table, _ = client.predict("seed", 1, None, 0, "original", 2, 30, 0, api_name="/stylize_head")
+        assert len(stylized) == 2 and all(row[1] == pytest.approx(1, abs=1e-3) for row in table["data"])
+        with pytest.raises(Exception, match="(?i)choices"):
+            client.predict("seed", 0, None, 0, STYLE, 3, 30, 0, api_name="/stylize_head")
+        with pytest.raises(Exception, match="(?i)encoder"):
+            client.predict("photo", 0, handle_file(EXAMPLE_PHOTOS[0]), 0, "original", 1, 0, 0,
+                           api_name="/stylize_head")
+    finally:
+        demo.close()
