@@ -29,7 +29,7 @@ NO_STYLES_NOTE = ("**Note:** no style has been trained for this generator yet, s
 def create_tab(runtime: Runtime) -> None:
     """Components and events of the tab, inside the current `gr.Tab`."""
     registry = runtime.registry
-    styles = available_styles(registry)
+    styles = available_styles(registry, method="stylize3d")
     photo_ready = ENCODER_NAME in registry.names and registry.locate(ENCODER_NAME)[0] != "missing"
     gr.Markdown(INTRO)
     if not styles:

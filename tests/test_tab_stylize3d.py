@@ -60,7 +60,8 @@ def weights_dir(tmp_path_factory):
     with torch.no_grad():
         for parameter in tuned.backbone.synthesis.parameters():
             parameter.add_(0.2 * torch.randn_like(parameter))
-    save_style_delta(make_style_delta(trainer.G_ema, tuned, stylize3d.MODEL_NAME), folder / "style")
+    save_style_delta(make_style_delta(trainer.G_ema, tuned, stylize3d.MODEL_NAME), folder / "style",
+                     extra_config={"method": "stylize3d"})
     _register(folder / "style", STYLE, registry)
     return folder
 

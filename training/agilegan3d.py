@@ -412,7 +412,8 @@ def export_style(run: Path, marker: dict, base3d: str | Path, directory: str | P
     delta = make_style_delta(base, tuned, base_name, rank=agile.delta_rank)
     training = {"method": "agilegan3d", "recipe": dataclasses.asdict(agile), "stages": marker["completed"],
                 "exemplars": marker["exemplars"], "exemplar_source": marker["exemplar_source"]}
-    directory = save_style_delta(delta, directory, extra_config={"style": marker["name"], "training": training})
+    directory = save_style_delta(delta, directory, extra_config={"method": "agilegan3d", "style": marker["name"],
+                                                                  "training": training})
     size_kib = (Path(directory) / "model.safetensors").stat().st_size / 1024
     (Path(directory) / CARD_FILE).write_text(_model_card(marker, agile, base_name, len(delta.changes()), size_kib))
     return Path(directory)

@@ -295,7 +295,7 @@ class StylizeTrainer:
         cfg = self.config
         delta = make_style_delta(self.frozen, self.tuned, cfg.base_name, rank=cfg.delta_rank)
         directory = save_style_delta(delta, directory, extra_config={
-            "style": cfg.style, "objective": cfg.objective, "steps": self.step_count,
+            "method": "stylize3d", "style": cfg.style, "objective": cfg.objective, "steps": self.step_count,
             "training": dataclasses.asdict(cfg), "metrics": metrics or {}})
         (Path(directory) / CARD_FILE).write_text(_model_card(self, delta, record, metrics))
         return Path(directory)

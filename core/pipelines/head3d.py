@@ -121,15 +121,16 @@ def build_identity(config: dict[str, Any], state_dict: dict[str, torch.Tensor]) 
     return identity
 
 
-def available_styles(registry: Registry, base: str = MODEL_NAME) -> list[str]:
-    """Registry names of the style deltas for `base` whose files are here (bundled or cached), sorted."""
+def available_styles(registry: Registry, base: str = MODEL_NAME, method: str | None = None) -> list[str]:
+    """Registry names of the style deltas for `base` whose files are here (bundled or cached), sorted; only those
+    trained by `method` ("stylize3d" or "agilegan3d", the `method` key of their config.json) when given."""
     styles = []
     for name in registry.names:
         _, paths = registry.locate(name)
         if paths is None or "config.json" not in paths:
             continue
         config = json.loads(paths["config.json"].read_text())
-        if config.get("kind") == STYLE_KIND and config.get("base") == base:
+        if config.get("kind") == STYLE_KIND and config.get("base") == base and method in (None, config.get("method")):
             styles.append(name)
     return styles
 

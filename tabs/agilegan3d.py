@@ -1,0 +1,100 @@
+"""AgileGAN3D tab: a stylized 3D portrait of a photo, in a style learned from about twenty 2D exemplars."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from core.face import FaceInputError
+from core.pipelines.head3d import ENCODER_NAME, IDENTITY_NAME, MODEL_NAME, Head3DPipeline, available_styles, view_yaws
+from core.runtime import Runtime, gpu
+from core.weights import Registry, WeightsError
+from tabs.common import example_photos, photo_input, raise_user_error, require_photo, save_pngs
+
+KEY = "agilegan3d"
+METHOD = "agilegan3d"
+REQUIRED_MODELS = (MODEL_NAME, ENCODER_NAME, IDENTITY_NAME)
+INTRO = (
+    "Upload a portrait and get a stylized 3D portrait you can turn around, in a style the 3D generator learned from "
+    "about twenty 2D exemplars ([AgileGAN3D](https://arxiv.org/abs/2303.14297): a 2D style prior, an augmented set "
+    "of stylized multi-view renders, then transfer learning of the 3D generator)."
+)
+TRAINING_HELP = """\
+A style is trained from a folder of ~20 exemplar images (portraits in the target style) in three stages, on a GPU,
+in resumable chunks of at most ~9.5 minutes:
+
+```bash
+python -m training.agilegan3d --exemplars my_exemplars/ --name mystyle --run runs/agile_mystyle --minutes 9
+# repeat until the run folder's agilegan3d.json lists prior, augment and transfer, then:
+python -m training.agilegan3d --run runs/agile_mystyle --minutes 0 --export weights/agilegan3d_mystyle
+python -m core.weights register weights/agilegan3d_mystyle --name agilegan3d-mystyle --licence "<your exemplars' licence>"
+```
+
+The export is a compact delta over the bundled 3D generator (a few hundred KiB). Restart the app and the style shows
+up here. `training/README.md` ("AgileGAN3D styles") has the details and the exact GPU-machine commands.
+"""
+
+
+def available(registry: Registry) -> bool:
+    """Shown when its models resolve and at least one AgileGAN3D style exists."""
+    return bool(available_styles(registry, method=METHOD))
+
+
+def create_tab(runtime: Runtime) -> None:
+    """Components and events of the tab, inside the current `gr.Tab`."""
+    styles = available_styles(runtime.registry, method=METHOD)
+    gr.Markdown(INTRO)
+    with gr.Row():
+        with gr.Column():
+            photo = photo_input("Portrait")
+            example_photos(photo)
+            style = gr.Dropdown(styles, value=styles[0], label="Style")
+            with gr.Group():
+                views = gr.Slider(1, 9, value=5, step=1, label="Number of views")
+                yaw_range = gr.Slider(0, 60, value=40, step=5, label="Yaw range (± degrees)")
+                refine_steps = gr.Slider(0, 50, value=10, step=1, label="Refinement steps (slower, closer)")
+            run = gr.Button("Stylize", variant="primary")
+            with gr.Accordion("Train a new style", open=False):
+                gr.Markdown(TRAINING_HELP)
+        with gr.Column():
+            with gr.Row():
+                aligned = gr.Image(label="Input (aligned)", format="png", height=200)
+                frontal = gr.Image(label="3D inversion (frontal)", format="png", height=200)
+            stylized = gr.Gallery(label="Stylized portrait", columns=5, format="png", height=220)
+            mesh = gr.Model3D(label="Stylized head (GLB)", clear_color=(0.95, 0.95, 0.95, 1.0), height=300)
+            info = gr.Markdown()
+
+    def stylize(photo_path, style_value, view_count, yaw_value, refine_value):
+        require_photo(photo_path)
+        return stylize_on_gpu(photo_path, style_value, view_count, yaw_value, refine_value)
+
+    @gpu(duration=60)
+    def stylize_on_gpu(photo_path, style_value, view_count, yaw_value, refine_value):
+        try:
+            pipeline = Head3DPipeline.from_pretrained(runtime=runtime)
+            result = pipeline.stylize(style_value, photo=photo_path, refine_steps=int(refine_value),
+                                      yaws=view_yaws(int(view_count), yaw_value))
+        except (FaceInputError, WeightsError, ValueError) as error:
+            raise_user_error(error)
+        for warning in result.warnings:
+            gr.Warning(warning)
+        inversion = result.inversion
+        captions = [f"yaw {yaw:+.0f}°" for yaw, _ in result.views]
+        views_png = save_pngs(list(result.stylized), result.provenance, style_value)
+        aligned_png, frontal_png = save_pngs([inversion.aligned, inversion.frontal], result.provenance, "input")
+        similarity = ", ".join(f"{yaw:+.0f}°: {value:.2f}" for (yaw, _), value in
+                               zip(result.views, result.identity_similarity))
+        timing = ", ".join(f"{name[:-2]} {seconds:.2f} s" for name, seconds in result.timings.items())
+        notes = (f"Style **{style_value}**. Identity similarity input vs 3D inversion (frontal): "
+                 f"**{inversion.identity_similarity:.3f}**; inversion vs stylized per view: {similarity}.\n\n"
+                 f"{timing} on {runtime.device.type}.")
+        return (aligned_png, frontal_png, list(zip(views_png, captions)),
+                str(result.glb_path) if result.glb_path else None, notes)
+
+    run.click(
+        stylize,
+        [photo, style, views, yaw_range, refine_steps],
+        [aligned, frontal, stylized, mesh, info],
+        api_name="agile3d_stylize",
+        concurrency_id="gpu",
+        concurrency_limit=1,
+    )
