@@ -44,9 +44,8 @@ from core.nets.style_delta import make_style_delta, save_style_delta
 from training.data.archive import pack_bytes
 from training.resumable import STATE_FILE, Deadline
 from training.train_head3d import Head3DConfig, Head3DTrainer, HeadTrainingData
-from training.train_head3d import train as train_head3d
 from training.train_stylegan2 import StyleGAN2Trainer, TrainConfig, TrainingImages, _nan_to_num_grads
-from training.train_stylegan2 import train as train_stylegan2
+from training.train_stylegan2 import train
 
 STAGES = ("prior", "augment", "transfer")
 ENCODER_STAGE = "encoder"
@@ -301,7 +300,7 @@ def run_prior_stage(run: Path, agile: AgileConfig, exemplars: str | Path, aligne
                                 agile.consistency_weight, device)
     trainer.load(run)
     if trainer.step_count < agile.prior_steps:
-        train_stylegan2(trainer, run, deadline, max_steps=agile.prior_steps - trainer.step_count,
+        train(trainer, run, deadline, max_steps=agile.prior_steps - trainer.step_count,
                         log_every=log_every)
     if trainer.step_count < agile.prior_steps:
         return False
@@ -380,7 +379,7 @@ def run_transfer_stage(run: Path, agile: AgileConfig, base3d: str | Path, deadli
     trainer = GuidedTransferTrainer(config, augmented_training_data(run, config.resolution), base, device)
     trainer.load(run)
     if trainer.step_count < agile.transfer_steps:
-        train_head3d(trainer, run, deadline, max_steps=agile.transfer_steps - trainer.step_count,
+        train(trainer, run, deadline, max_steps=agile.transfer_steps - trainer.step_count,
                      log_every=log_every)
     if trainer.step_count < agile.transfer_steps:
         return False

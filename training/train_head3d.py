@@ -50,9 +50,8 @@ from core.nets.triplane import TriPlaneGenerator
 from training.augment import AdaptiveProbability, augment, parse_operations
 from training.discriminator import Discriminator
 from training.resumable import STATE_FILE, Deadline, load_checkpoint, save_checkpoint
+from training.train_stylegan2 import LOG_FILE, SAMPLES_FILE, train
 
-LOG_FILE = "log.jsonl"
-SAMPLES_FILE = "samples.png"
 PRIOR_FILE = "geometry_prior.npz"
 CARD_FILE = "README.md"
 CAMERA_DIM = 25
@@ -371,6 +370,10 @@ class Head3DTrainer:
 
     # ---- checkpoints, samples, export ----------------------------------------------------------------------
 
+    def log_fields(self) -> dict[str, float]:
+        """Extra state for each training log line."""
+        return {"augment_p": round(self.ada.p, 5), "prior_weight": round(self.prior_weight, 4)}
+
     def save(self, run_dir: str | Path, compact: bool = True) -> None:
         """Write the checkpoint into `run_dir`, keeping its log, samples and prior cache."""
         run_dir = Path(run_dir)
@@ -483,43 +486,6 @@ def read_run_config(run_dir: str | Path) -> Head3DConfig | None:
         return None
     return Head3DConfig(**json.loads(state_path.read_text())["extra"]["config"])
 
-
-def train(trainer: Head3DTrainer, run_dir: str | Path, deadline: Deadline, max_steps: int | None = None,
-          max_kimg: float | None = None, log_every: int = 100, save_every_s: float = 240.0,
-          compact: bool = True) -> dict | None:
-    """Run steps until the deadline, `max_steps` more steps or `max_kimg` in total; log, save and sample.
-    Returns the last log record."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    first_step, last_save = trainer.step_count, time.monotonic()
-    window_start, window_steps, record, sums = time.monotonic(), 0, None, {}
-    while not deadline.expired():
-        if max_steps is not None and trainer.step_count - first_step >= max_steps:
-            break
-        if max_kimg is not None and trainer.images_seen >= max_kimg * 1000:
-            break
-        for key, value in trainer.step().items():
-            if value is not None:
-                total, count = sums.get(key, (0.0, 0))
-                sums[key] = (total + value, count + 1)
-        window_steps += 1
-        if trainer.step_count % log_every == 0:
-            seconds = time.monotonic() - window_start
-            record = {"step": trainer.step_count, "kimg": round(trainer.images_seen / 1000, 3),
-                      **{k: round(float(total) / count, 5) for k, (total, count) in sums.items()},
-                      "augment_p": round(trainer.ada.p, 5), "prior_weight": round(trainer.prior_weight, 4),
-                      "images_per_s": round(window_steps * trainer.config.batch / max(seconds, 1e-9), 2),
-                      "elapsed_s": round(deadline.elapsed_s, 1)}
-            with open(run_dir / LOG_FILE, "a") as log:
-                log.write(json.dumps(record) + "\n")
-            print(json.dumps(record), flush=True)
-            window_start, window_steps, sums = time.monotonic(), 0, {}
-        if time.monotonic() - last_save > save_every_s:
-            trainer.save(run_dir, compact=compact)
-            last_save = time.monotonic()
-    trainer.save(run_dir, compact=compact)
-    trainer.sample_grid(run_dir / SAMPLES_FILE)
-    return record
 
 
 def main(argv: list[str] | None = None) -> None:

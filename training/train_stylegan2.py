@@ -311,6 +311,10 @@ class StyleGAN2Trainer:
 
     # ---- checkpoints, samples, export ----------------------------------------------------------------------
 
+    def log_fields(self) -> dict[str, float]:
+        """Extra state for each training log line."""
+        return {"augment_p": round(self.ada.p, 5)}
+
     def save(self, run_dir: str | Path, compact: bool = True) -> None:
         """Write the checkpoint into `run_dir`, keeping its log and samples (see module docstring for `compact`)."""
         run_dir = Path(run_dir)
@@ -419,11 +423,12 @@ def read_run_config(run_dir: str | Path) -> TrainConfig | None:
     return TrainConfig(**json.loads(state_path.read_text())["extra"]["config"])
 
 
-def train(trainer: StyleGAN2Trainer, run_dir: str | Path, deadline: Deadline, max_steps: int | None = None,
+def train(trainer, run_dir: str | Path, deadline: Deadline, max_steps: int | None = None,
           max_kimg: float | None = None, log_every: int = 100, save_every_s: float = 240.0,
           compact: bool = True) -> dict | None:
     """Run steps until the deadline, `max_steps` more steps or `max_kimg` in total; log, save and sample.
-    Returns the last log record."""
+    Returns the last log record. `trainer` is a StyleGAN2Trainer or any trainer with the same `step`, `save`,
+    `sample_grid`, `log_fields`, `step_count`, `images_seen` and `config.batch` (the 3D head trainer)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     first_step, last_save = trainer.step_count, time.monotonic()
@@ -443,7 +448,7 @@ def train(trainer: StyleGAN2Trainer, run_dir: str | Path, deadline: Deadline, ma
             seconds = time.monotonic() - window_start
             record = {"step": trainer.step_count, "kimg": round(trainer.images_seen / 1000, 3),
                       **{k: round(float(total) / count, 5) for k, (total, count) in sums.items()},
-                      "augment_p": round(trainer.ada.p, 5),
+                      **trainer.log_fields(),
                       "images_per_s": round(window_steps * trainer.config.batch / max(seconds, 1e-9), 2),
                       "elapsed_s": round(deadline.elapsed_s, 1)}
             with open(run_dir / LOG_FILE, "a") as log:
