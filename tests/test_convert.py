@@ -13,7 +13,6 @@ import pickle
 import sys
 import types
 from collections import OrderedDict
-from pathlib import Path
 
 import numpy as np
 import pytest

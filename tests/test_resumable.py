@@ -63,13 +63,19 @@ def test_compressed_copies_load_into_float32_modules(tmp_path):
     assert state["exp_avg_sq"].dtype == torch.float32 and float(state["step"]) == 2.0
 
 
-def test_checkpoint_replacement_is_atomic_and_missing_is_none(tmp_path):
+def test_checkpoint_replacement_keeps_other_run_files_and_missing_is_none(tmp_path):
     model, optimizer = _setup()
     assert load_checkpoint(tmp_path / "none", {"net": model}) is None
     save_checkpoint(tmp_path / "ckpt", 1, {"net": model})
+    (tmp_path / "ckpt" / "log.jsonl").write_text("{}\n")
+    first_shards = sorted(p.name for p in (tmp_path / "ckpt").glob("tensors-*"))
     save_checkpoint(tmp_path / "ckpt", 2, {"net": model})
-    assert json.loads((tmp_path / "ckpt" / "state.json").read_text())["step"] == 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no staging or backup folders left
+    state = json.loads((tmp_path / "ckpt" / "state.json").read_text())
+    assert state["step"] == 2
+    files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert files == sorted(["log.jsonl", "state.json", *state["shard_files"]])  # old shards gone, the log kept
+    assert not set(first_shards) & set(files)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
 def test_oversized_tensor_is_refused(tmp_path):

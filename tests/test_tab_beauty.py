@@ -5,7 +5,6 @@ the per-generation plot. Until the base generator and encoder are trained, the p
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

@@ -16,7 +16,6 @@ from gradio_client import Client, handle_file
 
 from core import weights as W
 from core.mesh import read_glb_asset_extras
-from core.nets.encoders import Head3DEncoder, head3d_encoder_config
 from core.nets.style_delta import make_style_delta, save_style_delta
 from core.provenance import read_png_provenance
 from core.runtime import Runtime

@@ -57,7 +57,6 @@ STYLED3D_FILE = "head3d_styled.safetensors"
 CARD_FILE = "README.md"
 SOURCE_FILE = "SOURCE.md"
 BASE3D_NAME = "head3d-faces128"
-PIPELINE_FILES = (MARKER_FILE, LATENTS_FILE, STYLIZER_FILE, AUGMENTED_FILE, STYLED3D_FILE)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
@@ -190,19 +189,7 @@ def _synthesis_resolution(parameter_name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-class KeepsRunFiles:
-    """Trainer mixin: a trainer checkpoint replaces the whole run folder, so this pipeline's own files in it (stage
-    marker, exemplar latents, stage results, augmented set) are read before and written back after each save."""
-
-    def save(self, run_dir: str | Path, compact: bool = True) -> None:
-        run_dir = Path(run_dir)
-        kept = {name: (run_dir / name).read_bytes() for name in PIPELINE_FILES if (run_dir / name).exists()}
-        super().save(run_dir, compact=compact)
-        for name, content in kept.items():
-            (run_dir / name).write_bytes(content)
-
-
-class StylePriorTrainer(KeepsRunFiles, StyleGAN2Trainer):
+class StylePriorTrainer(StyleGAN2Trainer):
     """Few-shot transfer learning of the base 2D generator: base weights, frozen mapping and low-resolution
     blocks, and after each adversarial step an inversion-consistency update (the exemplars' projected latents must
     synthesise the exemplars)."""
@@ -361,7 +348,7 @@ def augmented_training_data(run: Path, resolution: int) -> HeadTrainingData:
     return HeadTrainingData(images, cameras, mirrored, torch.full([len(blobs), 1, 1], float("nan")))
 
 
-class GuidedTransferTrainer(KeepsRunFiles, Head3DTrainer):
+class GuidedTransferTrainer(Head3DTrainer):
     """The 3D trainer started from the base 3D generator's weights (G and G_ema; D starts fresh)."""
 
     def __init__(self, config: Head3DConfig, data: HeadTrainingData, base: torch.nn.Module,

@@ -19,7 +19,6 @@ import importlib.util
 import json
 import math
 import shutil
-import struct
 import subprocess
 import sys
 import tarfile

@@ -318,12 +318,9 @@ class TeacherTrainer:
     def save(self, run_dir: str | Path) -> None:
         """Checkpoint (model float32, EMA float16, Adam moments bfloat16), keeping the log and samples."""
         run_dir = Path(run_dir)
-        kept = {name: (run_dir / name).read_bytes() for name in (LOG_FILE, SAMPLES_FILE) if (run_dir / name).exists()}
         save_checkpoint(run_dir, self.step_count, {"model": self.model, "ema": self.ema}, {"opt": self.optimizer},
                         {"config": dataclasses.asdict(self.config)}, module_dtypes={"ema": torch.float16},
                         moment_dtype=torch.bfloat16)
-        for name, content in kept.items():
-            (run_dir / name).write_bytes(content)
 
     def load(self, run_dir: str | Path) -> bool:
         restored = load_checkpoint(run_dir, {"model": self.model, "ema": self.ema}, {"opt": self.optimizer})

@@ -1,16 +1,18 @@
 """Resumable training in short chunks: a wall-clock deadline and sharded safetensors checkpoints.
 
 GPU work runs in commands of at most ~9.5 minutes whose files come back in pieces of at most 16 MiB, eight at a
-time. So a checkpoint is one flat folder: `state.json` (step, optimizer hyper-parameters, anything JSON) plus
-`tensors-NNNNN.safetensors` shards of at most `max_shard_bytes` each. Saving is atomic (written beside, then
-renamed), loading restores modules, optimizers and RNG states, and `Deadline` tells the loop when to stop and save.
+time. So a checkpoint lives in one flat run folder: `state.json` (step, optimizer hyper-parameters, anything JSON,
+and the names of its shards) plus `tensors-<token>-NNNNN.safetensors` shards of at most `max_shard_bytes` each.
+Saving is atomic: new shards are written under fresh names, then `state.json` is replaced in one rename, then the
+old shards are deleted; any other file in the run folder (logs, samples, caches) is left alone. Loading restores
+modules, optimizers and RNG states, and `Deadline` tells the loop when to stop and save.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
+import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -81,7 +83,7 @@ def save_checkpoint(
     module_dtypes: dict[str, torch.dtype] | None = None,
     moment_dtype: torch.dtype | None = None,
 ) -> Path:
-    """Write `directory` (replacing it atomically) with every module's state dict, optimizer states and RNG states.
+    """Write a checkpoint into the run folder `directory`: every module's state dict, optimizer states, RNG states.
 
     `module_dtypes` stores chosen modules in another float dtype (e.g. an EMA copy in float16); `moment_dtype`
     stores optimizer moments compressed (e.g. bfloat16) to keep the checkpoint small.
@@ -103,21 +105,21 @@ def save_checkpoint(
         for index, rng in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{index}"] = rng
 
-    staging = directory.with_name(directory.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    shards = _shard(tensors, max_shard_bytes)
-    for index, shard in enumerate(shards):
-        save_file(shard, str(staging / f"tensors-{index:05d}.safetensors"))
-    state = {"step": step, "optimizers": optimizer_meta, "extra": extra or {}, "shards": len(shards),
+    directory.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_hex(4)
+    shard_files = []
+    for index, shard in enumerate(_shard(tensors, max_shard_bytes)):
+        name = f"tensors-{token}-{index:05d}.safetensors"
+        save_file(shard, str(directory / name))
+        shard_files.append(name)
+    state = {"step": step, "optimizers": optimizer_meta, "extra": extra or {}, "shard_files": shard_files,
              "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    (staging / STATE_FILE).write_text(json.dumps(state, indent=1, default=float))
-    backup = directory.with_name(directory.name + ".old")
-    if directory.exists():
-        shutil.rmtree(backup, ignore_errors=True)
-        os.replace(directory, backup)
-    os.replace(staging, directory)
-    shutil.rmtree(backup, ignore_errors=True)
+    partial = directory / (STATE_FILE + ".partial")
+    partial.write_text(json.dumps(state, indent=1, default=float))
+    os.replace(partial, directory / STATE_FILE)
+    for old in directory.glob("tensors-*.safetensors"):
+        if old.name not in shard_files:
+            old.unlink()
     return directory
 
 
@@ -133,8 +135,8 @@ def load_checkpoint(
         return None
     state = json.loads((directory / STATE_FILE).read_text())
     tensors: dict[str, torch.Tensor] = {}
-    for index in range(state["shards"]):
-        tensors.update(load_file(str(directory / f"tensors-{index:05d}.safetensors")))
+    for name in state["shard_files"]:
+        tensors.update(load_file(str(directory / name)))
 
     for name, module in modules.items():
         prefix = f"module.{name}."

@@ -233,11 +233,8 @@ class StylizeTrainer:
     def save(self, run_dir: str | Path) -> None:
         """Checkpoint: the tuned generator (float32) and Adam (bfloat16 moments), keeping the log and samples."""
         run_dir = Path(run_dir)
-        kept = {name: (run_dir / name).read_bytes() for name in (LOG_FILE, SAMPLES_FILE) if (run_dir / name).exists()}
         save_checkpoint(run_dir, self.step_count, {"tuned": self.tuned}, {"opt": self.optimizer},
                         {"config": dataclasses.asdict(self.config)}, moment_dtype=torch.bfloat16)
-        for name, content in kept.items():
-            (run_dir / name).write_bytes(content)
 
     def load(self, run_dir: str | Path) -> bool:
         restored = load_checkpoint(run_dir, {"tuned": self.tuned}, {"opt": self.optimizer})

@@ -133,13 +133,9 @@ class EncoderTrainer:
     # ---- checkpoints and export ----------------------------------------------------------------------------
 
     def save(self, run_dir: str | Path) -> None:
-        """Write the checkpoint into `run_dir`, keeping its log."""
-        run_dir = Path(run_dir)
-        log = (run_dir / LOG_FILE).read_bytes() if (run_dir / LOG_FILE).exists() else None
+        """Write the checkpoint into `run_dir` (its log and other files stay)."""
         save_checkpoint(run_dir, self.step_count, {"encoder": self.encoder}, {"encoder": self.optimizer},
                         {"config": dataclasses.asdict(self.config)})
-        if log is not None:
-            (run_dir / LOG_FILE).write_bytes(log)
 
     def load(self, run_dir: str | Path) -> bool:
         """Restore from `run_dir`; False when it holds no checkpoint."""

@@ -50,7 +50,7 @@ from core.nets.triplane import TriPlaneGenerator
 from training.augment import AdaptiveProbability, augment, parse_operations
 from training.discriminator import Discriminator
 from training.resumable import STATE_FILE, Deadline, load_checkpoint, save_checkpoint
-from training.train_stylegan2 import LOG_FILE, SAMPLES_FILE, train
+from training.train_stylegan2 import LOG_FILE, train
 
 PRIOR_FILE = "geometry_prior.npz"
 CARD_FILE = "README.md"
@@ -377,8 +377,6 @@ class Head3DTrainer:
     def save(self, run_dir: str | Path, compact: bool = True) -> None:
         """Write the checkpoint into `run_dir`, keeping its log, samples and prior cache."""
         run_dir = Path(run_dir)
-        kept = {name: (run_dir / name).read_bytes() for name in (LOG_FILE, SAMPLES_FILE, PRIOR_FILE)
-                if (run_dir / name).exists()}
         first_moments = {}
         for optimizer in (self.opt_G, self.opt_D):  # beta1 = 0: exp_avg is overwritten by the next gradient
             for parameter, state in optimizer.state.items():
@@ -398,8 +396,6 @@ class Head3DTrainer:
                 for parameter, state in optimizer.state.items():
                     if parameter in first_moments:
                         state["exp_avg"] = first_moments[parameter]
-        for name, content in kept.items():
-            (run_dir / name).write_bytes(content)
 
     def load(self, run_dir: str | Path) -> bool:
         """Restore from `run_dir`; False when it holds no checkpoint."""

@@ -234,14 +234,11 @@ class L2SAETrainer:
     def save(self, run_dir: str | Path) -> None:
         """Write the compact checkpoint into `run_dir` (float16 modules, bfloat16 moments), keeping log and samples."""
         run_dir = Path(run_dir)
-        kept = {name: (run_dir / name).read_bytes() for name in (LOG_FILE, SAMPLES_FILE) if (run_dir / name).exists()}
         extra = {"config": dataclasses.asdict(self.config), "augment_p": self.ada.p,
                  "ada_sign_sum": float(self.ada._sign_sum), "ada_count": self.ada._count}
         save_checkpoint(run_dir, self.step_count, {"model": self.model, "D": self.D},
                         {"model": self.opt, "D": self.opt_D}, extra,
                         module_dtypes={"model": torch.float16, "D": torch.float16}, moment_dtype=torch.bfloat16)
-        for name, content in kept.items():
-            (run_dir / name).write_bytes(content)
 
     def load(self, run_dir: str | Path) -> bool:
         """Restore from `run_dir`; False when it holds no checkpoint."""

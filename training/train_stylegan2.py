@@ -318,7 +318,6 @@ class StyleGAN2Trainer:
     def save(self, run_dir: str | Path, compact: bool = True) -> None:
         """Write the checkpoint into `run_dir`, keeping its log and samples (see module docstring for `compact`)."""
         run_dir = Path(run_dir)
-        kept = {name: (run_dir / name).read_bytes() for name in (LOG_FILE, SAMPLES_FILE) if (run_dir / name).exists()}
         first_moments = {}
         for optimizer in (self.opt_G, self.opt_D):  # beta1 = 0: exp_avg is overwritten by the next gradient
             for parameter, state in optimizer.state.items():
@@ -338,8 +337,6 @@ class StyleGAN2Trainer:
                 for parameter, state in optimizer.state.items():
                     if parameter in first_moments:
                         state["exp_avg"] = first_moments[parameter]
-        for name, content in kept.items():
-            (run_dir / name).write_bytes(content)
 
     def load(self, run_dir: str | Path) -> bool:
         """Restore from `run_dir`; False when it holds no checkpoint."""

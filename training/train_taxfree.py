@@ -176,14 +176,6 @@ class TaxFreeTrainer(StyleGAN2Trainer):
         stats.update(super().step())
         return stats
 
-    def save(self, run_dir: str | Path, compact: bool = True) -> None:
-        """The base checkpoint; the render cache in the run folder survives it."""
-        renders = Path(run_dir) / RENDERS_FILE
-        kept = renders.read_bytes() if renders.exists() else None
-        super().save(run_dir, compact)
-        if kept is not None:
-            renders.write_bytes(kept)
-
     def export(self, directory: str | Path, log: dict | None = None) -> Path:
         """The base export (G_ema, config.json, card) plus the conditioning spec and a recipe model card."""
         directory = super().export(directory, log)
