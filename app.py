@@ -14,7 +14,7 @@ import gradio as gr  # noqa: E402
 from core.methods import METHODS  # noqa: E402
 from core.runtime import Runtime  # noqa: E402
 from tabs import about, available_tabs  # noqa: E402
-from tabs.common import MAX_UPLOAD_SIZE  # noqa: E402
+from tabs.common import EXAMPLES_DIR, MAX_UPLOAD_SIZE  # noqa: E402
 
 TITLE = "Face generation demo suite"
 DESCRIPTION = (
@@ -44,4 +44,6 @@ def build_demo(runtime: Runtime) -> gr.Blocks:
 
 
 if __name__ == "__main__":
-    build_demo(Runtime()).queue(max_size=QUEUE_MAX_SIZE).launch(max_file_size=MAX_UPLOAD_SIZE)
+    build_demo(Runtime()).queue(max_size=QUEUE_MAX_SIZE).launch(
+        max_file_size=MAX_UPLOAD_SIZE, allowed_paths=[str(EXAMPLES_DIR)]  # example photos, whatever the cwd
+    )
