@@ -162,3 +162,11 @@ def test_evaluation_numbers_and_card(tmp_path):
     card = (tmp_path / "README.md").read_text()
     assert card.count("## Evaluation") == 1 and "| eyes |" in card and "not yet measured" not in card
     assert json.loads((tmp_path / "metrics.json").read_text())["images"] == 3
+
+
+def test_float32_pass_uses_a_float32_copy_of_a_half_precision_model():
+    pipeline = Latents2SemanticsPipeline(tiny_model().to(torch.bfloat16))
+    result = pipeline(random_crop(), "hair", seed=1)  # the CPU runtime computes in float32
+    assert next(pipeline._model_float32.parameters()).dtype == torch.float32
+    assert next(pipeline.model.parameters()).dtype == torch.bfloat16
+    assert result.edited[0].shape == (32, 32, 3)

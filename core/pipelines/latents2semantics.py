@@ -14,6 +14,7 @@ pixels and then box-blurred with the same radius, so M is 1 on the region and ex
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,6 +91,7 @@ class Latents2SemanticsPipeline:
                  revision: str | None = None, crop_size: int = CROP_SIZE):
         self.runtime = runtime or Runtime("cpu")
         self.model = model.to(self.runtime.device).eval().requires_grad_(False)
+        self._model_float32: L2SAE | None = None
         self.model_name = model_name
         self.revision = revision
         self.crop_size = crop_size
@@ -116,10 +118,18 @@ class Latents2SemanticsPipeline:
         face = source if isinstance(source, PreparedFace) else prepare_face(source, size=self.crop_size)
         return face.image, list(face.warnings)
 
-    def _model_input(self, crop: np.ndarray) -> torch.Tensor:
-        parameter = next(self.model.parameters())
+    def _model_in(self, dtype: torch.dtype) -> L2SAE:
+        """The model in `dtype`: the loaded one, or a float32 copy for the runtime's float32 retry."""
+        if next(self.model.parameters()).dtype == dtype:
+            return self.model
+        if self._model_float32 is None:
+            self._model_float32 = copy.deepcopy(self.model).float()
+        return self._model_float32
+
+    def _model_input(self, crop: np.ndarray, model: L2SAE) -> torch.Tensor:
+        parameter = next(model.parameters())
         x = torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1)[None].float() / 127.5 - 1
-        size = self.model.config.resolution
+        size = model.config.resolution
         if x.shape[-1] != size:
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         return x.to(device=parameter.device, dtype=parameter.dtype)
@@ -148,19 +158,19 @@ class Latents2SemanticsPipeline:
         seeds = [int(seed) + i for i in range(n_variants)] if mode == MODES[0] else []
 
         def compute(dtype: torch.dtype) -> dict[str, torch.Tensor]:
-            x = self._model_input(crop)
-            structure, style = self.model.encode(x)
+            model = self._model_in(dtype)
+            structure, style = model.encode(self._model_input(crop, model))
             if reference_crop is not None:
-                _, reference_style = self.model.encode(self._model_input(reference_crop))
+                _, reference_style = model.encode(self._model_input(reference_crop, model))
                 directions = reference_style - style
             else:
                 directions = torch.stack([torch.randn(style.shape[1], generator=torch.Generator().manual_seed(s))
                                           for s in seeds]).to(style)
             count = directions.shape[0]
-            edited_styles = self.model.edit_style(style.expand(count, -1), directions, region_index, strength)
+            edited_styles = model.edit_style(style.expand(count, -1), directions, region_index, strength)
             batch_structure = structure.expand(count, -1, -1, -1)
-            generated = self.model.decode(torch.cat([structure, batch_structure]), torch.cat([style, edited_styles]))
-            logits = F.interpolate(self.model.mask_logits(structure).float(), size=crop.shape[:2], mode="bilinear",
+            generated = model.decode(torch.cat([structure, batch_structure]), torch.cat([style, edited_styles]))
+            logits = F.interpolate(model.mask_logits(structure).float(), size=crop.shape[:2], mode="bilinear",
                                    align_corners=False)
             region_mask = (logits.argmax(dim=1, keepdim=True) == region_index).float()
             feather = max(int(round(FEATHER_FRACTION * crop.shape[0])), 1)
