@@ -93,3 +93,15 @@ def test_deadline_reserves_time_for_saving(monkeypatch):
     assert deadline.expired()
     with pytest.raises(ValueError):
         Deadline(10, reserve_s=20)
+
+
+def test_skipped_optimizer_state_is_not_stored_and_comes_back_as_zeros(tmp_path):
+    model, optimizer = _setup()
+    _train(model, optimizer, 2)
+    save_checkpoint(tmp_path / "c", 2, {"net": model}, {"net": optimizer}, skip_state=("exp_avg",))
+    fresh_model, fresh_optimizer = _setup()
+    load_checkpoint(tmp_path / "c", {"net": fresh_model}, {"net": fresh_optimizer})
+    restored = fresh_optimizer.state_dict()["state"][0]
+    assert torch.equal(restored["exp_avg"], torch.zeros_like(restored["exp_avg"]))
+    assert torch.equal(restored["exp_avg_sq"], optimizer.state_dict()["state"][0]["exp_avg_sq"])
+    assert "exp_avg" in optimizer.state_dict()["state"][0]  # the live optimizer is untouched

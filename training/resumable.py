@@ -42,19 +42,22 @@ class Deadline:
         return self.elapsed_s >= self.budget_s - self.reserve_s
 
 
-def _flatten_optimizer(name: str, optimizer: torch.optim.Optimizer, moment_dtype: torch.dtype | None):
+def _flatten_optimizer(name: str, optimizer: torch.optim.Optimizer, moment_dtype: torch.dtype | None,
+                       skip_state: tuple[str, ...]):
     state = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for index, param_state in state["state"].items():
         for key, value in param_state.items():
+            if key in skip_state:
+                continue
             if isinstance(value, torch.Tensor) and value.ndim > 0:
                 if moment_dtype is not None and value.is_floating_point():
                     value = value.to(moment_dtype)
                 tensors[f"optim.{name}.{index}.{key}"] = value
             else:
                 scalars.setdefault(str(index), {})[key] = value.item() if isinstance(value, torch.Tensor) else value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars, "skipped": list(skip_state)}
 
 
 def _shard(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict[str, torch.Tensor]]:
@@ -82,11 +85,14 @@ def save_checkpoint(
     max_shard_bytes: int = MAX_SHARD_BYTES,
     module_dtypes: dict[str, torch.dtype] | None = None,
     moment_dtype: torch.dtype | None = None,
+    skip_state: tuple[str, ...] = (),
 ) -> Path:
     """Write a checkpoint into the run folder `directory`: every module's state dict, optimizer states, RNG states.
 
     `module_dtypes` stores chosen modules in another float dtype (e.g. an EMA copy in float16); `moment_dtype`
-    stores optimizer moments compressed (e.g. bfloat16) to keep the checkpoint small.
+    stores optimizer moments compressed (e.g. bfloat16) to keep the checkpoint small; `skip_state` names
+    per-parameter optimizer states not stored at all and restored as zeros (e.g. Adam's "exp_avg" with beta1 = 0,
+    which the next step overwrites before reading it).
     """
     directory = Path(directory)
     tensors: dict[str, torch.Tensor] = {}
@@ -98,7 +104,7 @@ def save_checkpoint(
             tensors[f"module.{name}.{key}"] = value
     optimizer_meta = {}
     for name, optimizer in (optimizers or {}).items():
-        optimizer_tensors, optimizer_meta[name] = _flatten_optimizer(name, optimizer, moment_dtype)
+        optimizer_tensors, optimizer_meta[name] = _flatten_optimizer(name, optimizer, moment_dtype, skip_state)
         tensors.update(optimizer_tensors)
     tensors["rng.cpu"] = torch.get_rng_state()
     if torch.cuda.is_available():
@@ -155,6 +161,9 @@ def load_checkpoint(
         for index, scalars in meta["scalars"].items():
             for field, value in scalars.items():
                 restored.setdefault(int(index), {})[field] = torch.tensor(float(value))
+        for index, param_state in restored.items():
+            for field in meta.get("skipped", ()):
+                param_state[field] = torch.zeros_like(live_params[index])
         optimizer.load_state_dict({"state": restored, "param_groups": meta["param_groups"]})
     torch.set_rng_state(tensors["rng.cpu"])
     cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]

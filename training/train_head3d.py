@@ -375,27 +375,16 @@ class Head3DTrainer:
         return {"augment_p": round(self.ada.p, 5), "prior_weight": round(self.prior_weight, 4)}
 
     def save(self, run_dir: str | Path, compact: bool = True) -> None:
-        """Write the checkpoint into `run_dir`, keeping its log, samples and prior cache."""
-        run_dir = Path(run_dir)
-        first_moments = {}
-        for optimizer in (self.opt_G, self.opt_D):  # beta1 = 0: exp_avg is overwritten by the next gradient
-            for parameter, state in optimizer.state.items():
-                if "exp_avg" in state:
-                    first_moments[parameter] = state.pop("exp_avg")
+        """Write the checkpoint into `run_dir` (compact: float16 copies, bfloat16 moments)."""
         extra = {"config": dataclasses.asdict(self.config), "augment_p": self.ada.p,
                  "ada_sign_sum": float(self.ada._sign_sum), "ada_count": self.ada._count,
                  "kimg": self.images_seen / 1000}
         half = torch.float16 if compact else None
-        try:
-            save_checkpoint(run_dir, self.step_count, {"G": self.G, "D": self.D, "G_ema": self.G_ema},
-                            {"G": self.opt_G, "D": self.opt_D}, extra,
-                            module_dtypes={"G": half, "D": half, "G_ema": half} if compact else None,
-                            moment_dtype=torch.bfloat16 if compact else None)
-        finally:
-            for optimizer in (self.opt_G, self.opt_D):
-                for parameter, state in optimizer.state.items():
-                    if parameter in first_moments:
-                        state["exp_avg"] = first_moments[parameter]
+        save_checkpoint(run_dir, self.step_count, {"G": self.G, "D": self.D, "G_ema": self.G_ema},
+                        {"G": self.opt_G, "D": self.opt_D}, extra,
+                        module_dtypes={"G": half, "D": half, "G_ema": half} if compact else None,
+                        moment_dtype=torch.bfloat16 if compact else None,
+                        skip_state=("exp_avg",))  # beta1 = 0: exp_avg is overwritten by the next gradient
 
     def load(self, run_dir: str | Path) -> bool:
         """Restore from `run_dir`; False when it holds no checkpoint."""
@@ -406,12 +395,6 @@ class Head3DTrainer:
         self.step_count, extra = restored
         self.ada.p = extra["augment_p"]
         self.ada._sign_sum, self.ada._count = extra["ada_sign_sum"], extra["ada_count"]
-        for optimizer in (self.opt_G, self.opt_D):
-            for group in optimizer.param_groups:
-                for parameter in group["params"]:
-                    state = optimizer.state.get(parameter)
-                    if state and "exp_avg" not in state:
-                        state["exp_avg"] = torch.zeros_like(parameter, memory_format=torch.preserve_format)
         return True
 
     @torch.no_grad()
