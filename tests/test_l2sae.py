@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from core.nets.l2sae import L2SAE, L2SAEConfig, build_l2sae, load_l2sae, parameter_count
 from core.pipelines.latents2semantics import MODES, Latents2SemanticsPipeline, feathered_region_mask, load_pipeline
@@ -170,3 +172,34 @@ def test_float32_pass_uses_a_float32_copy_of_a_half_precision_model():
     assert next(pipeline._model_float32.parameters()).dtype == torch.float32
     assert next(pipeline.model.parameters()).dtype == torch.bfloat16
     assert result.edited[0].shape == (32, 32, 3)
+
+
+def test_cli_starts_a_run_from_an_archive(tmp_path):
+    """`--data` starts a new run from the command line (the recipe options and the archive path both reach it)."""
+    from core.nets.l2sae import DATASET_REGIONS
+    from training.data.archive import pack_bytes, write_archive
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(4)]
+    masks = [rng.integers(0, len(DATASET_REGIONS), (32, 32), dtype=np.uint8) for _ in range(4)]
+    arrays = {}
+    for key, items in (("image", images), ("mask", masks)):
+        blobs = []
+        for array in items:
+            buffer = io.BytesIO()
+            Image.fromarray(array).save(buffer, format="PNG")
+            blobs.append(buffer.getvalue())
+        arrays[f"{key}_data"], arrays[f"{key}_offsets"] = pack_bytes(blobs)
+    arrays["split"] = np.zeros(4, np.uint8)
+    metadata = {"names": [f"s{i}" for i in range(4)], "size": 32, "class_names": list(DATASET_REGIONS),
+                "splits": ["train", "val", "test"]}
+    data = write_archive(tmp_path / "faces32.npz", arrays, metadata)
+    run = tmp_path / "run"
+    main(["--run", str(run), "--data", str(data), "--steps", "1", "--log-every", "1", "--minutes", "5", "--batch", "2",
+          "--mbstd-group", "2", "--identity-weight", "0", "--d-channel-base", "256", "--d-channel-max", "16",
+          "--model-json", json.dumps({"resolution": 32, "structure_resolution": 8, "channels_per_region": 2,
+                                      "style_dim": 16, "channel_base": 256, "channel_max": 16, "mask_channels": 4}),
+          "--device", "cpu"])
+    stored = json.loads((run / "state.json").read_text())["extra"]["config"]
+    assert stored["data"] == str(data) and stored["batch"] == 2 and stored["model"]["channel_max"] == 16
+    assert len((run / "log.jsonl").read_text().splitlines()) == 1

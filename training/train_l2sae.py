@@ -36,10 +36,10 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
 
+from core.beauty import load_identity_encoder as load_registry_identity
 from core.identity import IdentityEncoder
 from core.nets import CONFIG_FILE, WEIGHTS_FILE
 from core.nets.l2sae import DATASET_REGIONS, L2SAE, L2SAEConfig, parameter_count
-from core.weights import default_registry
 from training.augment import AdaptiveProbability, augment, parse_operations
 from training.discriminator import Discriminator
 from training.resumable import STATE_FILE, Deadline, load_checkpoint, save_checkpoint
@@ -57,7 +57,8 @@ REGION_COLOURS = np.array([[0, 0, 0], [230, 180, 150], [90, 60, 30], [40, 120, 2
 class TrainConfig:
     """Architecture and recipe of a run (stored in the checkpoint; defaults are the 128-px config)."""
 
-    model: dict[str, Any] = field(default_factory=lambda: L2SAEConfig().to_dict())
+    # channel_max 96 keeps the float16 export under 2 MiB (the bundled-weights budget, training.weights_budget)
+    model: dict[str, Any] = field(default_factory=lambda: L2SAEConfig(channel_max=96).to_dict())
     d_channel_base: int = 8192
     d_channel_max: int = 128
     mbstd_group: int = 4
@@ -112,8 +113,7 @@ def crops_from_archive(path: str | Path, split: str = "train") -> FaceCrops:
 
 
 def load_identity_encoder(device: torch.device) -> IdentityEncoder:
-    directory = default_registry().resolve(IDENTITY_MODEL).directory
-    return IdentityEncoder.from_pretrained(directory, device=device).requires_grad_(False)
+    return load_registry_identity(IDENTITY_MODEL).to(device).requires_grad_(False)
 
 
 def _nan_to_num_grads(module: torch.nn.Module) -> None:
@@ -380,7 +380,8 @@ def main(argv: list[str] | None = None) -> None:
     if config is None:
         if args.data is None:
             parser.error("--data is required to start a run")
-        recipe = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+        recipe = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                  if f.name not in ("model", "data", "split")}
         model = {**defaults.model, **json.loads(args.model_json or "{}")}
         config = TrainConfig(**recipe, model=L2SAEConfig(**model).to_dict(), data=str(args.data))
     else:
