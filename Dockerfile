@@ -21,5 +21,7 @@ COPY --chown=user requirements.txt .
 RUN pip install --no-cache-dir --user -r requirements.txt
 
 COPY --chown=user . .
+# Convert the identity network from the installed face-recognition-models package now, so the image starts ready.
+RUN python -m core.weights convert identity-resnet
 EXPOSE 7860
 CMD ["python", "app.py"]

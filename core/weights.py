@@ -1,12 +1,16 @@
-"""Weights registry: one entry per model, resolved bundled -> local HF cache -> Hub, safetensors only, sha256-checked.
+"""Weights registry: one entry per model, resolved bundled -> converted cache -> local HF cache -> installed package
+(converted at first use) -> Hub, safetensors only, sha256-checked.
 
 The registry lives in `weights/registry.json`. Each entry names the model, its Hub `repo_id` and full 40-character
 `revision` (when it is published), the files with their sha256 and size, the licence, and the folder under
-`weights/` holding a bundled copy (when there is one). This module imports neither torch nor gradio at import time,
-so `python -m core.weights list` answers fast.
+`weights/` holding a bundled copy (when there is one). A `derived_from` entry names a file inside an installed
+Python package (with its sha256) and a converter in `CONVERTERS` that writes the model's `outputs` from it into the
+cache folder (`cache_root() / <name>`); the model's other files come from its bundled folder. This module imports
+neither torch nor gradio at import time, so `python -m core.weights list` answers fast.
 
 CLI:
     python -m core.weights list                      # where each model resolves, size, checksum state
+    python -m core.weights convert NAME [NAME ...]   # convert derived models now (e.g. at image build time)
     python -m core.weights register weights/<dir> --name NAME --licence LICENCE [--repo-id ID --revision SHA]
 """
 
@@ -14,11 +18,16 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.metadata
 import json
 import os
 import re
 import socket
 import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +62,23 @@ class FileSpec:
 
 
 @dataclass(frozen=True)
+class DerivedSource:
+    """A file inside an installed Python package from which `converter` derives the model's `outputs` files."""
+
+    package: str
+    version: str
+    path: str
+    sha256: str
+    size: int
+    converter: str
+    outputs: tuple[str, ...]
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.package}=={self.version}"
+
+
+@dataclass(frozen=True)
 class ModelEntry:
     """A registered model."""
 
@@ -73,10 +99,19 @@ class ModelEntry:
     def hub_filename(self, name: str) -> str:
         return f"{self.subfolder}/{name}" if self.subfolder else name
 
+    @property
+    def derived_from(self) -> DerivedSource | None:
+        """The package file this model is converted from (registry key `derived_from`), if any."""
+        item = self.extra.get("derived_from")
+        if item is None:
+            return None
+        return DerivedSource(item["package"], item["version"], item["path"], item["sha256"], int(item["size"]),
+                             item["converter"], tuple(item["outputs"]))
+
 
 @dataclass(frozen=True)
 class ResolvedModel:
-    """Where a model's files were found: `source` is 'bundled', 'cache' or 'hub'."""
+    """Where a model's files were found: `source` is 'bundled', 'converted', 'cache' or 'hub'."""
 
     entry: ModelEntry
     source: str
@@ -84,7 +119,11 @@ class ResolvedModel:
 
     @property
     def directory(self) -> Path:
-        return next(iter(self.paths.values())).parent
+        """The one folder holding every file (a converted model's files lie in two: use `paths` there)."""
+        folders = {path.parent for path in self.paths.values()}
+        if len(folders) != 1:
+            raise WeightsError(f"'{self.entry.name}' is split over {len(folders)} folders; load it by file name")
+        return folders.pop()
 
     def path(self, name: str) -> Path:
         return self.paths[name]
@@ -100,6 +139,7 @@ def sha256_of(path: Path) -> str:
 
 
 _verified: dict[tuple[str, int, int], str] = {}
+_convert_lock = threading.Lock()
 
 
 def verify_file(path: Path, spec: FileSpec) -> None:
@@ -115,6 +155,48 @@ def verify_file(path: Path, spec: FileSpec) -> None:
             f"{path} does not match the registry (expected sha256 {spec.sha256[:12]}…, {spec.size} bytes; "
             f"got {actual[:12] if len(actual) == 64 else actual}). The file was refused: delete it and fetch it again."
         )
+
+
+def cache_root() -> Path:
+    """Where converted models are written: $FACE_SUITE_CACHE, else $XDG_CACHE_HOME/face-suite or ~/.cache/face-suite."""
+    if os.environ.get("FACE_SUITE_CACHE"):
+        return Path(os.environ["FACE_SUITE_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "face-suite"
+
+
+def package_file(source: DerivedSource) -> Path | None:
+    """The source file inside the installed package (found from its metadata, never imported), or None."""
+    try:
+        distribution = importlib.metadata.distribution(source.package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    path = Path(distribution.locate_file(source.path))
+    return path if path.is_file() else None
+
+
+def _convert_dlib_resnet_v1(source: Path) -> dict[str, bytes]:
+    """dlib's face-recognition ResNet `.dat` -> the identity network's float16 `model.safetensors`."""
+    from safetensors.torch import save
+
+    from core.dlib_model import convert_dlib_resnet
+
+    return {"model.safetensors": save(convert_dlib_resnet(source))}
+
+
+# converter name (registry `derived_from.converter`) -> function(source file) -> {output file name: bytes}
+CONVERTERS: dict[str, Callable[[Path], dict[str, bytes]]] = {"dlib_resnet_v1": _convert_dlib_resnet_v1}
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Write `path` through a temporary file in the same folder and os.replace, so readers never see a partial file."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
 
 
 def hub_offline() -> bool:
@@ -174,6 +256,26 @@ class Registry:
         paths = {f.name: folder / f.name for f in entry.files}
         return paths if all(p.is_file() for p in paths.values()) else None
 
+    def _derived_paths(self, entry: ModelEntry) -> dict[str, Path]:
+        """A derived model's files once converted: the converter's outputs in the cache folder, the rest bundled."""
+        outputs = entry.derived_from.outputs
+        converted, bundled = cache_root() / entry.name, self.weights_dir / (entry.bundled or entry.name)
+        return {f.name: (converted if f.name in outputs else bundled) / f.name for f in entry.files}
+
+    def _converted_paths(self, entry: ModelEntry) -> dict[str, Path] | None:
+        if entry.derived_from is None:
+            return None
+        paths = self._derived_paths(entry)
+        return paths if all(p.is_file() for p in paths.values()) else None
+
+    def _convertible(self, entry: ModelEntry) -> bool:
+        """The source package file is installed and the files the converter does not write are bundled."""
+        derived = entry.derived_from
+        if derived is None or package_file(derived) is None:
+            return False
+        paths = self._derived_paths(entry)
+        return all(paths[f.name].is_file() for f in entry.files if f.name not in derived.outputs)
+
     def _cached_paths(self, entry: ModelEntry) -> dict[str, Path] | None:
         if not entry.repo_id:
             return None
@@ -188,26 +290,84 @@ class Registry:
         return paths
 
     def locate(self, name: str) -> tuple[str, dict[str, Path] | None]:
-        """Where a model would come from without downloading: ('bundled'|'cache', paths), ('hub'|'missing', None)."""
+        """Where a model would come from without downloading or converting: ('bundled'|'converted'|'cache', paths),
+        ('package'|'hub'|'missing', None)."""
         entry = self.entry(name)
-        for source, finder in (("bundled", self._bundled_paths), ("cache", self._cached_paths)):
+        finders = (("bundled", self._bundled_paths), ("converted", self._converted_paths), ("cache", self._cached_paths))
+        for source, finder in finders:
             paths = finder(entry)
             if paths is not None:
                 return source, paths
+        if self._convertible(entry):
+            return "package", None
         return ("hub" if entry.repo_id and entry.revision else "missing"), None
 
     def resolve(self, name: str, allow_download: bool = True) -> ResolvedModel:
-        """Find a model's files (bundled, then HF cache, then Hub) and verify every checksum."""
+        """Find a model's files (bundled, converted cache, HF cache, converted now from its package, Hub) and verify
+        every checksum."""
         entry = self.entry(name)
         source, paths = self.locate(name)
-        if paths is None:
+        if source == "package":
+            paths, source = self._convert(entry), "converted"
+        elif paths is None:
             paths = self._download(entry, allow_download)
             source = "hub"
         for spec in entry.files:
-            verify_file(paths[spec.name], spec)
+            try:
+                verify_file(paths[spec.name], spec)
+            except WeightsChecksumError as error:
+                if source != "converted" or spec.name not in entry.derived_from.outputs:
+                    raise
+                raise WeightsChecksumError(
+                    f"{error} Once deleted, it is converted again from {entry.derived_from.requirement} "
+                    f"(at next use, or now: python -m core.weights convert {name})."
+                ) from None
         return ResolvedModel(entry, source, paths)
 
+    def _convert(self, entry: ModelEntry) -> dict[str, Path]:
+        """Check the installed package file against the registry, convert it and write the outputs atomically."""
+        derived = entry.derived_from
+        converter = CONVERTERS.get(derived.converter)
+        if converter is None:
+            raise WeightsError(
+                f"'{entry.name}': unknown converter '{derived.converter}' in the registry "
+                f"(known: {', '.join(sorted(CONVERTERS)) or 'none'})."
+            )
+        source = package_file(derived)
+        try:
+            verify_file(source, FileSpec(source.name, derived.sha256, derived.size))
+        except WeightsChecksumError as error:
+            raise WeightsChecksumError(
+                f"{error} It is the source of '{entry.name}': reinstall the package "
+                f"(pip install --force-reinstall {derived.requirement})."
+            ) from None
+        with _convert_lock:  # one conversion at a time; another thread may have finished it meanwhile
+            paths = self._converted_paths(entry)
+            if paths is not None:
+                return paths
+            outputs = converter(source)
+            if set(outputs) != set(derived.outputs):
+                raise WeightsError(f"converter '{derived.converter}' wrote {sorted(outputs)}, the registry expects "
+                                   f"{sorted(derived.outputs)}")
+            folder = cache_root() / entry.name
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                for file_name, data in outputs.items():
+                    _write_atomically(folder / file_name, data)
+            except OSError as error:
+                raise WeightsUnavailableError(
+                    f"Could not write the converted weights of '{entry.name}' to {folder} ({error}). "
+                    "Set FACE_SUITE_CACHE to a writable folder."
+                ) from None
+        return self._derived_paths(entry)
+
     def _download(self, entry: ModelEntry, allow_download: bool) -> dict[str, Path]:
+        derived = entry.derived_from
+        if not entry.repo_id and derived is not None and package_file(derived) is None:
+            raise WeightsUnavailableError(
+                f"Weights for '{entry.name}' are converted at first use from the Python package {derived.package}, "
+                f"which is not installed (or lacks {derived.path}). Install it: pip install {derived.requirement}"
+            )
         if not entry.repo_id:
             raise WeightsUnavailableError(
                 f"Weights for '{entry.name}' are not in {self.weights_dir / (entry.bundled or entry.name)} and the "
@@ -255,6 +415,13 @@ def _entry_from_json(item: dict[str, Any]) -> ModelEntry:
     files = tuple(FileSpec(name, spec["sha256"], int(spec["size"])) for name, spec in item["files"].items())
     if any(not f.name.endswith((".safetensors", ".json", ".md", ".npz", ".txt")) for f in files):
         raise WeightsError(f"registry entry '{item['name']}': only safetensors/json/npz/text files may be registered")
+    derived = item.get("derived_from")
+    if derived is not None:
+        required = {"package", "version", "path", "sha256", "size", "converter", "outputs"}
+        if not isinstance(derived, dict) or not required <= set(derived) or not derived["outputs"]:
+            raise WeightsError(f"registry entry '{item['name']}': derived_from needs {', '.join(sorted(required))}")
+        if not set(derived["outputs"]) <= {f.name for f in files}:
+            raise WeightsError(f"registry entry '{item['name']}': derived_from outputs must be registered files")
     known = {"name", "description", "licence", "files", "repo_id", "revision", "subfolder", "bundled"}
     return ModelEntry(
         name=item["name"],
@@ -294,9 +461,12 @@ def _format_size(size: int) -> str:
     return f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size / 2**10:.0f} KiB"
 
 
+_SOURCE_LABELS = {"converted": "package (converted)", "package": "package (convertible)"}
+
+
 def weights_status(registry: Registry) -> list[dict[str, str]]:
-    """One row per model: name, where it resolves (bundled/cache/hub/missing), Hub repo@revision, size,
-    checksum state and licence. Nothing is downloaded."""
+    """One row per model: name, where it resolves (bundled, package (converted), cache, package (convertible), hub,
+    missing), Hub repo@revision, size, checksum state and licence. Nothing is downloaded or converted."""
     rows = []
     for name in registry.names:
         entry = registry.entry(name)
@@ -311,7 +481,7 @@ def weights_status(registry: Registry) -> list[dict[str, str]]:
                 state = "MISMATCH (refused)"
         hub = f"{entry.repo_id}@{entry.revision[:12]}" if entry.repo_id and entry.revision else entry.repo_id or "-"
         rows.append(
-            {"model": name, "source": source, "hub": hub, "size": _format_size(entry.size),
+            {"model": name, "source": _SOURCE_LABELS.get(source, source), "hub": hub, "size": _format_size(entry.size),
              "checksums": state, "licence": entry.licence}
         )
     return rows
@@ -338,6 +508,9 @@ def _register(args: argparse.Namespace) -> int:
         if p.is_file() and p.suffix in {".safetensors", ".json", ".npz"}
     )
     previous = registry._entries.get(args.name)
+    if previous is not None and previous.derived_from is not None:  # keep the specs of outputs converted elsewhere
+        present = {f.name for f in files}
+        files += tuple(f for f in previous.files if f.name in previous.derived_from.outputs and f.name not in present)
     registry.add(
         ModelEntry(
             name=args.name,
@@ -356,10 +529,27 @@ def _register(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert_now(registry: Registry, names: list[str]) -> int:
+    for name in names:
+        started = time.monotonic()
+        try:
+            resolved = registry.resolve(name, allow_download=False)
+        except WeightsError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        where = ", ".join(str(path) for path in resolved.paths.values())
+        print(f"{name}: {_SOURCE_LABELS.get(resolved.source, resolved.source)} in {time.monotonic() - started:.1f} s "
+              f"({where})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m core.weights", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="where each registered model resolves, its size and checksum state")
+    conv = sub.add_parser("convert", help="convert models derived from an installed package now (verified)")
+    conv.add_argument("names", nargs="+", metavar="NAME")
+    conv.add_argument("--registry", default=str(REGISTRY_PATH))
     reg = sub.add_parser("register", help="add or update a bundled model folder (checksums computed)")
     reg.add_argument("folder")
     reg.add_argument("--name", required=True)
@@ -371,6 +561,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "list":
         return _list(Registry.load())
+    if args.command == "convert":
+        return _convert_now(Registry.load(Path(args.registry)), args.names)
     return _register(args)
 
 

@@ -47,7 +47,8 @@ def create_tab(runtime: Runtime, available_tabs: set[str]) -> None:
         f"### Runtime\nDevice **{described['device']}**, compute dtype **{described['dtype']}** "
         f"(float16 only on CUDA, float32 on CPU), torch {described['torch']}."
     )
-    gr.Markdown("### Weights\nResolved in this order: bundled copy in `weights/`, local Hugging Face cache, Hub.")
+    gr.Markdown("### Weights\nResolved in this order: bundled copy in `weights/`, converted copy in the local cache, "
+                "local Hugging Face cache, installed Python package (converted at first use), Hub.")
     rows = weights_status(runtime.registry)
     columns = ["model", "source", "hub", "size", "checksums", "licence"]
     gr.Dataframe(

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
+from core.beauty import load_identity_encoder
+from core.dlib_model import convert_dlib_resnet, dlib_to_state_dict, read_dlib_layers
 from core.identity import IdentityEncoder, _add_zero_padded, cosine_similarity, image_to_tensor
-from training.convert_identity import dlib_to_state_dict, read_dlib_layers
 from training.eval import dlib_reference
 
 torch.set_num_threads(2)
 
 REPO = Path(__file__).resolve().parents[1]
-WEIGHTS = REPO / "weights" / "identity_resnet"
 FACES = sorted((REPO / "tests" / "fixtures" / "faces").glob("*.jpg"))
 TINY = {"stem_channels": 4, "stages": [[4, 1, False], [8, 2, True], [8, 1, True]], "embedding_dim": 16}
 
@@ -98,6 +98,15 @@ def test_converter_reads_a_dlib_serialised_network_back_exactly():
         torch.testing.assert_close(actual, expected, msg=name)
 
 
+def test_convert_dlib_resnet_gives_float16_tensors_of_the_file(tmp_path):
+    torch.manual_seed(2)
+    source = IdentityEncoder(TINY)
+    (tmp_path / "net.dat").write_bytes(_fake_dlib_file(source))
+    state = convert_dlib_resnet(tmp_path / "net.dat", TINY)
+    assert set(state) == set(source.state_dict()) and all(t.dtype == torch.float16 for t in state.values())
+    torch.testing.assert_close(state["fc.weight"], source.fc.weight.detach().half())
+
+
 def test_converter_refuses_a_network_that_does_not_match_the_config():
     torch.manual_seed(1)
     data = _fake_dlib_file(IdentityEncoder(TINY))
@@ -107,7 +116,7 @@ def test_converter_refuses_a_network_that_does_not_match_the_config():
 
 @pytest.fixture(scope="module")
 def encoder():
-    return IdentityEncoder.from_pretrained(WEIGHTS)
+    return load_identity_encoder("identity-resnet")
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ registry."""
 from __future__ import annotations
 
 import copy
-import shutil
 
 import gradio as gr
 import pytest
@@ -24,7 +23,7 @@ from tabs import agilegan3d, available_tabs
 from tabs.common import EXAMPLE_PHOTOS, MAX_UPLOAD_SIZE
 from tests.test_head3d import TINY
 from tests.test_head3d_encoder import TINY_ENCODER
-from tests.test_tab_stylize3d import IDENTITY_DIR, _register
+from tests.test_tab_stylize3d import _copy_identity, _register
 from training.train_head3d import Head3DTrainer
 from training.train_head3d_encoder import Head3DEncoderConfig, Head3DEncoderTrainer
 
@@ -41,7 +40,7 @@ def registry(tmp_path_factory) -> W.Registry:
         trainer.G_ema.decoder.net[-1].bias[0] += 20
     trainer.export(folder / "head3d", None)
     _register(folder / "head3d", agilegan3d.MODEL_NAME, path)
-    shutil.copytree(IDENTITY_DIR, folder / "identity")
+    _copy_identity(folder / "identity")
     _register(folder / "identity", agilegan3d.IDENTITY_NAME, path)
     from core.beauty import load_identity_encoder
 

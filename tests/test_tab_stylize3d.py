@@ -27,7 +27,13 @@ from training.train_head3d import Head3DTrainer
 from training.train_head3d_encoder import Head3DEncoderConfig, Head3DEncoderTrainer
 
 STYLE = "head3d-faces128-style-test"
-IDENTITY_DIR = Path(__file__).resolve().parents[1] / "weights" / "identity_resnet"
+
+
+def _copy_identity(folder: Path) -> None:
+    """The real identity network's files (bundled or converted from its package), copied into `folder`."""
+    folder.mkdir()
+    for name, path in W.default_registry().resolve("identity-resnet").paths.items():
+        shutil.copyfile(path, folder / name)
 
 
 def _register(folder: Path, name: str, registry: Path) -> None:
@@ -53,7 +59,7 @@ def weights_dir(tmp_path_factory):
         trainer.G_ema.decoder.net[-1].bias[0] += 20
     trainer.export(folder / "head3d", None)
     _register(folder / "head3d", stylize3d.MODEL_NAME, registry)
-    shutil.copytree(IDENTITY_DIR, folder / "identity")
+    _copy_identity(folder / "identity")
     _register(folder / "identity", stylize3d.IDENTITY_NAME, registry)
     tuned = copy.deepcopy(trainer.G_ema)
     with torch.no_grad():

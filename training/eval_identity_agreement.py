@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from core.beauty import load_identity_encoder
 from core.face import FaceInputError, prepare_face
 from core.identity import IdentityEncoder, image_to_tensor
 from training.convert_identity import calibration_images
@@ -191,13 +192,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--photos", type=Path, default=Path("../shared/data/mebeauty/original_images"))
     parser.add_argument("--crops", type=Path, default=None,
                         help="MEBeauty MTCNN crops (default: ../cropped_images/images_crop_align_mtcnn next to --photos)")
-    parser.add_argument("--weights", type=Path, default=Path("weights/identity_resnet"))
+    parser.add_argument("--weights", type=Path, default=Path("weights/identity_resnet"), help="model card folder")
     parser.add_argument("--json", type=Path, help="also write the numbers to this JSON file")
     parser.add_argument("--no-card", action="store_true", help="do not update weights/.../README.md")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     crops = args.crops or args.photos.parent / "cropped_images" / "images_crop_align_mtcnn"
-    encoder = IdentityEncoder.from_pretrained(args.weights)
+    encoder = load_identity_encoder("identity-resnet")
     paths = calibration_images(args.photos, offset=10)
     data = collect(paths, encoder, DlibReference(), args.photos, crops if crops.is_dir() else None)
     results = evaluate(data, encoder.config["same_person_distance"])

@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from core.beauty import load_identity_encoder
 from core.identity import IdentityEncoder
 from core.nets import load_generator
 from core.nets.camera import camera_label
@@ -369,7 +370,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--teacher", help="teacher folder (training.diffusion_teacher export)")
     parser.add_argument("--style", default=defaults.style)
     parser.add_argument("--objective", default=defaults.objective, choices=("ld", "sds"))
-    parser.add_argument("--identity", default="weights/identity_resnet", help="identity encoder folder")
+    parser.add_argument("--identity", default="identity-resnet", help="identity network (registry name; '' for none)")
     parser.add_argument("--minutes", type=float, default=9.0)
     parser.add_argument("--reserve-s", type=float, default=40.0)
     parser.add_argument("--steps", type=int, default=None)
@@ -396,7 +397,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         print(f"resuming {run_dir}; its stored config is used", flush=True)
     deadline = Deadline(max(args.minutes * 60, args.reserve_s + 1), args.reserve_s)
-    identity = IdentityEncoder.from_pretrained(args.identity) if Path(args.identity).exists() else None
+    identity = load_identity_encoder(args.identity) if args.identity else None
     trainer = StylizeTrainer(config, load_generator(args.base or config.base), load_teacher(args.teacher or config.teacher),
                              identity, args.device)
     trainer.load(run_dir)

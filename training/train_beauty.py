@@ -25,12 +25,10 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from scipy import stats
 
-from core.beauty import BeautyEvaluator, BeautyHead, build_beauty_evaluator
-from core.identity import IdentityEncoder
+from core.beauty import BeautyEvaluator, BeautyHead, build_beauty_evaluator, load_identity_encoder
 from training.data.archive import archive_path, load_archive
 
 REPO = Path(__file__).resolve().parents[1]
-IDENTITY_DIR = REPO / "weights" / "identity_resnet"
 EVALUATOR_SIZE = 64
 RIDGE_ALPHAS = (0.1, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
 MLP_SETTINGS = ((64, 1e-3), (64, 1e-2), (256, 1e-2), (256, 1e-1))
@@ -138,7 +136,7 @@ def compute_features(data_dir: Path, cache: Path) -> dict[str, np.ndarray]:
         if list(cached["name"]) == [big.names[i] for i in keep] and np.array_equal(cached["beauty"], big.beauty[keep]):
             return cached
         print(f"{cache} is stale (the archive changed); recomputing", flush=True)
-    encoder = IdentityEncoder.from_pretrained(IDENTITY_DIR)
+    encoder = load_identity_encoder("identity-resnet")
     descriptors, mirrored, crops = [], [], []
     started = time.time()
     for start in range(0, len(keep), 32):

@@ -9,18 +9,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core.beauty import load_identity_encoder
 from core.face import FaceInputError, HeadPose, detect_faces, estimate_pose, load_image, prepare_face
 from core.identity import IdentityEncoder
 from training.eval.metrics import frechet_distance, pairwise_cosine, pose_error
 
-DEFAULT_IDENTITY_WEIGHTS = Path(__file__).resolve().parents[2] / "weights" / "identity_resnet"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 
 
 @lru_cache(maxsize=2)
-def identity_encoder(weights_dir: str | Path = DEFAULT_IDENTITY_WEIGHTS) -> IdentityEncoder:
-    """The bundled identity network (float32, CPU), loaded once."""
-    return IdentityEncoder.from_pretrained(weights_dir)
+def identity_encoder(name: str = "identity-resnet") -> IdentityEncoder:
+    """The registry's identity network (float32, CPU), loaded once."""
+    return load_identity_encoder(name)
 
 
 def image_files(folder: str | Path) -> list[Path]:
