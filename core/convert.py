@@ -1,7 +1,7 @@
 """Convert official generator checkpoints to `model.safetensors` + `config.json` without running their code.
 
     python -m core.convert <official.pkl | state_dict.pt> <out_dir> [--kind K] [--key G_ema]
-                           [--config manifest.json] [--half]
+                           [--config manifest.json] [--base NAME] [--half]
 
 Network pickles of NVlabs/stylegan2-ada-pytorch, NVlabs/eg3d and SizheAn/PanoHead hold
 {'G', 'D', 'G_ema', 'training_set_kwargs', 'augment_pipe'}; their modules are
@@ -16,7 +16,9 @@ global (`os.system`, `builtins.eval`, ...). The state dict is then read from the
 Plain `torch.save` state dicts (e.g. stylized PanoHead `.pth` files) are read with
 `torch.load(weights_only=True)`; they carry no constructor kwargs, so `--config` names a JSON
 file with `init_kwargs` (and for tri-plane models `rendering_kwargs`,
-`neural_rendering_resolution`), e.g. a reference manifest.
+`neural_rendering_resolution`), e.g. a reference manifest or the `config.json` of the converted base model.
+`--base NAME` records `"base": NAME` in config.json: the weights are a full generator fine-tuned from the registry
+model NAME (e.g. a stylized PanoHead, see `core.official`), listed by the 3D head pipeline as a style of NAME.
 """
 
 from __future__ import annotations
@@ -260,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kind", choices=GENERATOR_KINDS, help="override the detected generator kind")
     parser.add_argument("--key", default=None, help="pickle entry (default G_ema) or nested state-dict entry")
     parser.add_argument("--config", help="JSON with init_kwargs (+ rendering kwargs) for plain state dicts")
+    parser.add_argument("--base", help="registry name of the model these weights were fine-tuned from (a style of it)")
     parser.add_argument("--half", action="store_true", help="store float16 weights")
     parser.add_argument("--no-verify", action="store_true", help="skip the strict shape check")
     args = parser.parse_args(argv)
@@ -271,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.config:
             parser.error("--config is required for plain state dicts (they carry no constructor kwargs)")
         state_dict, config = convert_state_dict_file(source, args.config, key=args.key, kind=args.kind)
+    if args.base:
+        config["base"] = args.base
     out = write_converted(state_dict, config, args.out_dir, half=args.half, verify=not args.no_verify)
     print(f"wrote {out / WEIGHTS_FILE} ({len(state_dict)} tensors, kind {config['kind']}) and {out / CONFIG_FILE}")
     return 0

@@ -38,10 +38,9 @@ TINY_KWARGS = {"z_dim": 8, "c_dim": 3, "w_dim": 8, "img_resolution": 16, "img_ch
                "synthesis_kwargs": {"channel_base": 64, "channel_max": 8, "num_fp16_res": 2, "conv_clamp": 256}}
 
 
-@pytest.fixture
-def official_layout(monkeypatch, tmp_path):
-    """Fake `torch_utils.persistence` / `dnnlib.util` modules so pickles reference the official globals."""
-    marker = tmp_path / "source_was_executed"
+def fake_official_modules(monkeypatch, marker) -> types.SimpleNamespace:
+    """Fake `torch_utils.persistence` / `dnnlib.util` modules so pickles reference the official globals; `wrap`
+    turns one of our modules into its official-layout stand-in, whose embedded source would create `marker`."""
 
     def _reconstruct_persistent_obj(meta):  # never called by the safe loader
         raise AssertionError("official reconstruct function must not run")
@@ -85,7 +84,13 @@ def official_layout(monkeypatch, tmp_path):
     return types.SimpleNamespace(wrap=wrap, easy_dict=easy_dict, marker=marker)
 
 
-def _write_network_pickle(path, official_layout, generator, init_kwargs):
+@pytest.fixture
+def official_layout(monkeypatch, tmp_path):
+    return fake_official_modules(monkeypatch, tmp_path / "source_was_executed")
+
+
+def write_network_pickle(path, official_layout, generator, init_kwargs):
+    """An official-layout network pickle with `generator` as G_ema."""
     data = {"G": None, "D": None, "augment_pipe": None,
             "G_ema": official_layout.wrap(generator, init_kwargs),
             "training_set_kwargs": official_layout.easy_dict(path="ffhq.zip", resolution=16)}
@@ -99,7 +104,7 @@ def test_network_pickle_round_trip(tmp_path, official_layout):
     for name, buf in generator.named_buffers():  # make buffers distinctive
         buf.add_(torch.rand_like(buf))
     pkl = tmp_path / "network-snapshot.pkl"
-    _write_network_pickle(pkl, official_layout, generator, TINY_KWARGS)
+    write_network_pickle(pkl, official_layout, generator, TINY_KWARGS)
 
     state_dict, config = convert_network_pickle(pkl)
     assert not official_layout.marker.exists()
@@ -123,7 +128,7 @@ def test_network_pickle_round_trip(tmp_path, official_layout):
 def test_half_precision_output(tmp_path, official_layout):
     generator = Generator(**TINY_KWARGS).eval()
     pkl = tmp_path / "net.pkl"
-    _write_network_pickle(pkl, official_layout, generator, TINY_KWARGS)
+    write_network_pickle(pkl, official_layout, generator, TINY_KWARGS)
     out = tmp_path / "half"
     main([str(pkl), str(out), "--half"])
     saved = load_file(out / "model.safetensors")
@@ -193,7 +198,8 @@ def test_plain_state_dict_with_config(tmp_path):
     cfg = tmp_path / "manifest.json"
     cfg.write_text(json.dumps({"class_name": "training.networks.Generator", "init_kwargs": TINY_KWARGS}))
     out = tmp_path / "out"
-    assert main([str(pt), str(out), "--config", str(cfg), "--key", "G_ema"]) == 0
+    assert main([str(pt), str(out), "--config", str(cfg), "--key", "G_ema", "--base", "sg2-base"]) == 0
+    assert json.loads((out / "config.json").read_text())["base"] == "sg2-base"
     loaded = load_generator(out)
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in generator.state_dict().items())
 
