@@ -24,7 +24,6 @@ import os
 import re
 import socket
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -189,13 +188,12 @@ CONVERTERS: dict[str, Callable[[Path], dict[str, bytes]]] = {"dlib_resnet_v1": _
 
 def _write_atomically(path: Path, data: bytes) -> None:
     """Write `path` through a temporary file in the same folder and os.replace, so readers never see a partial file."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
+        temporary.write_bytes(data)
         os.replace(temporary, path)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
 
 

@@ -8,7 +8,10 @@ The file is read without dlib by ``core.dlib_model`` (the same conversion the we
 
 ``--calibrate`` also measures where dlib's face chip lies inside the suite's FFHQ-aligned crop (``core.face``), as
 the median over photos of a folder, and stores it as ``ffhq_chip`` in config.json; it needs dlib (see
-``training.eval.dlib_reference``). Without it, an existing config.json's ``ffhq_chip`` is kept.
+``training.eval.dlib_reference``). Without it, an existing config.json's ``ffhq_chip`` is kept. The written
+``model.safetensors`` is ignored by git (the registry converts it from the package at first use); after a new
+calibration, record config.json's checksum with ``python -m core.weights register weights/identity_resnet
+--name identity-resnet`` (the converted file's entry is kept).
 """
 
 from __future__ import annotations
