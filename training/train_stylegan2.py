@@ -57,7 +57,7 @@ class TrainConfig:
     w_dim: int = 256
     mapping_layers: int = 2
     channel_base: int = 16384
-    channel_max: int = 128
+    channel_max: int = 64  # 64 channels at every resolution: the bundled-weights budget (training.weights_budget)
     num_fp16_res: int = 4
     conv_clamp: float | None = 256
     mbstd_group: int = 4

@@ -1,0 +1,29 @@
+"""The bundled-weights budget: the registered weights plus every planned model at its trainer's default config."""
+
+from __future__ import annotations
+
+import torch
+
+from core.weights import ModelEntry, Registry, default_registry
+from training.weights_budget import BUDGET_MIB, budget_table, float16_export_bytes, planned_models
+
+
+def test_default_configs_fit_the_bundled_weights_budget():
+    table, total = budget_table(default_registry(), planned_models())
+    assert total <= BUDGET_MIB, table
+
+
+def test_export_size_is_the_float16_state_dict():
+    module = torch.nn.Linear(100, 10)
+    assert 2 * 1010 < float16_export_bytes(module) < 2 * 1010 + 400  # tensors + a small safetensors header
+
+
+def test_registered_models_are_counted_once_and_derived_ones_not_at_all():
+    plans = planned_models()
+    base = plans[0]
+    entries = [ModelEntry(base.name, "", "", (), bundled="x"),
+               ModelEntry("converted-at-install", "", "", (), bundled="y", extra={"derived_from": {}})]
+    table, total = budget_table(Registry(entries), plans)
+    assert table.count(f"| {base.name} |") == 1 and "converted-at-install" not in table
+    everything = sum(p.count * p.export_bytes for p in plans) / 2**20
+    assert abs(total - (everything - base.export_bytes / 2**20)) < 1e-6
