@@ -10,7 +10,9 @@ Photo path (3D GAN inversion): `core.face.prepare_face` aligns the largest face 
 gives the input camera, the `Head3DEncoder` maps the crop and camera to ws, optionally refined by a few Adam steps
 on W+ (pixel L2 + identity loss at the input camera); the identity cosine of the input to the frontal render is
 reported. Styles: registry entries whose config is {"kind": "style_delta", "base": <this model>} hold a parameter
-delta applied to a copy of the generator with `core.nets.style_delta.apply_style_delta`;
+delta applied to a copy of the generator with `core.nets.style_delta.apply_style_delta`; entries holding a full
+generator whose config names its base ({"kind": "panohead", "base": <this model>}, e.g. the paper's official
+stylized PanoHeads converted with `core.convert --base`, see `core.official`) replace it whole.
 `stylize` renders the same ws with the original and the stylized generator and compares identities per view.
 """
 
@@ -31,8 +33,8 @@ import trimesh
 from core.face import ImageSource, prepare_face
 from core.identity import IdentityEncoder, cosine_similarity, image_to_tensor
 from core.mesh import DEFAULT_FACE_BUDGET, export_glb
-from core.nets import generator_from_config
-from core.nets.camera import EG3D_CAMERA_RADIUS, EG3D_LOOKAT, camera_label
+from core.nets import GENERATOR_KINDS, generator_from_config
+from core.nets.camera import EG3D_CAMERA_RADIUS, EG3D_LOOKAT, PANOHEAD_LOOKAT, camera_label
 from core.nets.encoders import build_head3d_encoder
 from core.nets.shape import OFFICIAL_LEVEL, extract_mesh
 from core.provenance import Provenance
@@ -135,6 +137,29 @@ def available_styles(registry: Registry, base: str = MODEL_NAME, method: str | N
     return styles
 
 
+def available_stylized_generators(registry: Registry, base: str) -> list[str]:
+    """Registry names of the full generators fine-tuned from `base` (config key "base", e.g. the official stylized
+    PanoHeads) whose files are here (bundled or cached), sorted."""
+    names = []
+    for name in registry.names:
+        _, paths = registry.locate(name)
+        if paths is None or "config.json" not in paths:
+            continue
+        config = json.loads(paths["config.json"].read_text())
+        if config.get("kind") in GENERATOR_KINDS and config.get("base") == base:
+            names.append(name)
+    return names
+
+
+def load_official(name: str, runtime: Runtime | None = None) -> "Head3DPipeline":
+    """The official PanoHead converted and registered as `name` (`core.official`), with the identity network and
+    PanoHead's inference cameras (look-at (0, 0, 0) as in its gen_samples.py; the checkpoint's rendering kwargs keep
+    EG3D's 0.2 pivot). No photo encoder: the bundled one was trained for the bundled generator."""
+    pipeline = Head3DPipeline.from_pretrained(name, runtime, encoder=None)
+    pipeline.camera_pivot = PANOHEAD_LOOKAT
+    return pipeline
+
+
 def view_yaws(count: int, yaw_range: float) -> tuple[float, ...]:
     """`count` yaws evenly spread over [-yaw_range, +yaw_range] (0 for a single view)."""
     if count <= 1:
@@ -188,8 +213,11 @@ class Head3DPipeline:
                    encoder=optional(encoder, build_head3d_encoder), identity=optional(identity, build_identity))
 
     def style_generator(self, style: str) -> torch.nn.Module:
-        """The generator with the registry style delta `style` applied (a copy; cached by the runtime)."""
+        """The generator with the registry style delta `style` applied (a copy; cached by the runtime), or the full
+        stylized generator `style` fine-tuned from this one."""
         config = self.runtime.registry.load_config(style)
+        if config.get("kind") in GENERATOR_KINDS and config.get("base") == self.model_name:
+            return self.runtime.get_model(style, build_head3d, dtype=torch.float32)
         if config.get("kind") != STYLE_KIND or config.get("base") != self.model_name:
             raise WeightsError(f"'{style}' is not a style of {self.model_name}.")
 
@@ -210,8 +238,13 @@ class Head3DPipeline:
         z = torch.from_numpy(np.random.RandomState(seed).randn(1, self.generator.z_dim)).float()
         return self.generator.mapping(z.to(self.runtime.device), self.camera(0, 0), truncation_psi=truncation_psi)
 
-    def render_views(self, ws: torch.Tensor, views: list[tuple[float, float]]) -> np.ndarray:
-        """uint8 images [len(views), S, S, 3] of ws[:1] from (yaw, pitch) views (planes generated once)."""
+    def render_views(self, ws: torch.Tensor, views: list[tuple[float, float]],
+                     max_ray_resolution: int | None = None) -> np.ndarray:
+        """uint8 images [len(views), S, S, 3] of ws[:1] from (yaw, pitch) views (planes generated once); rays at
+        most `max_ray_resolution` px (default: the generator's neural rendering resolution; S stays the same)."""
+        ray_resolution = self.generator.neural_rendering_resolution
+        if max_ray_resolution:
+            ray_resolution = min(ray_resolution, int(max_ray_resolution))
         planes = self.generator.generate_planes(ws[:1], noise_mode="const")
         images = []
         for start in range(0, len(views), RENDER_BATCH):
@@ -219,8 +252,8 @@ class Head3DPipeline:
             cameras = torch.cat([self.camera(yaw, pitch) for yaw, pitch in chunk])
             count = len(chunk)
             out = self.generator.render_planes(planes.expand(count, *planes.shape[1:]),
-                                               ws[:1].expand(count, -1, -1), cameras, deterministic=True,
-                                               noise_mode="const")
+                                               ws[:1].expand(count, -1, -1), cameras, ray_resolution,
+                                               deterministic=True, noise_mode="const")
             images.append(_to_uint8(out["image"]))
         return np.concatenate(images)
 
@@ -355,9 +388,11 @@ class Head3DPipeline:
     def stylize(self, style: str | None = None, seed: int = 0, truncation_psi: float = 0.7,
                 photo: ImageSource | None = None, refine_steps: int = 0, yaws: tuple[float, ...] = ORBIT_YAWS,
                 pitch: float = 0.0, mesh: bool = True, mesh_resolution: int = 128, mesh_level: float = OFFICIAL_LEVEL,
-                face_budget: int = DEFAULT_FACE_BUDGET, output_dir: str | Path | None = None) -> StyleComparison:
+                face_budget: int = DEFAULT_FACE_BUDGET, output_dir: str | Path | None = None,
+                max_ray_resolution: int | None = None) -> StyleComparison:
         """Render the head of `seed` (or the inverted `photo`) with the original generator and with the registry
-        style `style` (None: the original again) from yaws at `pitch`; identity cosine per view; stylized GLB."""
+        style `style` (None: the original again) from yaws at `pitch` (rays at most `max_ray_resolution` px);
+        identity cosine per view; stylized GLB."""
         views = tuple((float(yaw), float(pitch)) for yaw in yaws)
         timings: dict[str, float] = {}
         started = time.perf_counter()
@@ -365,12 +400,14 @@ class Head3DPipeline:
         provenance = Provenance(STYLE_METHOD, self.model_name, self.revision, seed if source == "seed" else None,
                                 {"style": style or "original", "truncation_psi": truncation_psi, "views": views,
                                  "latent": source, "refine_steps": refine_steps if inversion else 0,
-                                 "mesh_resolution": mesh_resolution, "mesh_level": mesh_level})
+                                 "mesh_resolution": mesh_resolution, "mesh_level": mesh_level,
+                                 "max_ray_resolution": max_ray_resolution})
         styled = self
         if style is not None:
             start = time.perf_counter()
             styled = Head3DPipeline(self.style_generator(style), self.runtime, self.model_name, self.revision,
                                     identity=self.identity)
+            styled.camera_radius, styled.camera_pivot = self.camera_radius, self.camera_pivot
             timings["style_load_s"] = round(time.perf_counter() - start, 3)
 
         def timed(name, fn):
@@ -379,8 +416,9 @@ class Head3DPipeline:
             timings[f"{name}_s"] = round(time.perf_counter() - start, 3)
             return value
 
-        original = timed("original_views", lambda: self.render_views(ws, list(views)))
-        stylized = timed("stylized_views", lambda: styled.render_views(ws, list(views))) if style else original
+        original = timed("original_views", lambda: self.render_views(ws, list(views), max_ray_resolution))
+        stylized = (timed("stylized_views", lambda: styled.render_views(ws, list(views), max_ray_resolution))
+                    if style else original)
         start = time.perf_counter()
         similarity = self.identity_similarity(original, stylized)
         timings["identity_s"] = round(time.perf_counter() - start, 3)
