@@ -83,7 +83,7 @@ PANOHEAD = OfficialVariant(
             f"[{PANOHEAD_REPO}](https://huggingface.co/{PANOHEAD_REPO}) or PanoHead's "
             f"[Google Drive]({PANOHEAD_DRIVE}) `models/` folder (save it in `{DOWNLOADS}/`)."),
     licence=PANOHEAD_LICENCE,
-    description=f"PanoHead 360-degree head generator ({PANOHEAD_FILE}, SizheAn/PanoHead), converted by core.convert",
+    description=f"PanoHead 360-degree head generator (SizheAn/PanoHead {PANOHEAD_FILE})",
 )
 
 STYLIZED = tuple(
@@ -98,8 +98,7 @@ STYLIZED = tuple(
                 f"[three-bee/3d_head_stylization]({OFFICIAL_REPO}); their code is Apache-2.0, the weights derive "
                 "from PanoHead's)."),
         licence=STYLIZED_LICENCE,
-        description=f"PanoHead stylized with the '{style}' prompt (arXiv 2411.13536, three-bee/3d_head_stylization), "
-                    "converted by core.convert",
+        description=f"PanoHead stylized for the {style} prompt (arXiv 2411.13536, three-bee/3d_head_stylization)",
         base=PANOHEAD.name,
     )
     for style in STYLES

@@ -1,56 +1,113 @@
-"""'3D head stylization' tab: a generated or inverted 3D head, original vs stylized, from several views."""
+"""'3D head stylization' tab: a generated or inverted 3D head, original vs stylized, from several views, with the
+bundled generator or the official PanoHead and the paper's stylized generators (`core.official`)."""
 
 from __future__ import annotations
 
 import gradio as gr
 
 from core.face import FaceInputError
+from core.official import PANOHEAD, VARIANTS, is_available, stylized_variants
 from core.pipelines.head3d import (ENCODER_NAME, IDENTITY_NAME, MODEL_NAME, Head3DPipeline, available_styles,
-                                   view_yaws)
+                                   available_stylized_generators, load_official, view_yaws)
 from core.runtime import Runtime, gpu
-from core.weights import WeightsError
+from core.weights import Registry, WeightsError
 from tabs.common import (MAX_SEED, example_photos, photo_input, raise_user_error, randomize_seed, require_photo,
                          save_pngs)
 
 KEY = "stylize3d"
-REQUIRED_MODELS = (MODEL_NAME, IDENTITY_NAME)
+REQUIRED_MODELS = (IDENTITY_NAME,)
+GENERATORS = {MODEL_NAME: "Bundled 3D head generator (head3d-faces128)", PANOHEAD.name: PANOHEAD.title}
 ORIGINAL = "original"
 SOURCES = ("seed", "photo")
+NEEDS_DOWNLOAD = " (needs download)"
+NOT_TRAINED = " (not trained yet)"
+FAST_RAYS = 64  # px: the "fast" neural rendering resolution (PanoHead's released model renders rays at 128 px)
+DEFAULT_VIEWS = {MODEL_NAME: 5, PANOHEAD.name: 3}
 INTRO = (
-    "A 3D head from the bundled PanoHead-style generator (from a seed, or inverted from a photo), rendered from "
-    "several views by the original generator and by a stylized copy (identity-preserving 3D head stylization, "
-    "Bilecen et al., ICCV 2025). The table compares the identity of the original and the "
+    "A 3D head from the bundled PanoHead-style generator (from a seed, or inverted from a photo) or from the official "
+    "PanoHead, rendered from several views by the original generator and by a stylized copy (identity-preserving 3D "
+    "head stylization, Bilecen et al., ICCV 2025). The table compares the identity of the original and the "
     "stylized head per view."
 )
-NO_STYLES_NOTE = ("**Note:** no style has been trained for this generator yet, so only **original** is available "
+NO_STYLES_NOTE = ("**Note:** no style is available for this generator yet, so only **original** runs "
                   "(the 'stylized' side shows the original head).")
+BUNDLED_MISSING = ("**The bundled 3D head generator is not trained yet.** `training/README.md` ('3D head generator') "
+                   "has the GPU commands; pick the official PanoHead meanwhile.")
+# Render cost: methods notes §6.7 (512-px PanoHead, random weights, 2-core CPU); GLB cost: measured with the small
+# PanoHead reference config (shared/reference/panohead_small_seed0), see README "Using the official PanoHead".
+PANOHEAD_COST_NOTE = (
+    "**Slow on CPU.** The official PanoHead renders 512-px images: every view twice (original and stylized), plus a "
+    "128³ density grid for the GLB. On a 2-core CPU one 512-px PanoHead render with 64-px rays took 6.2 s (random "
+    "weights) and the GLB step 6.8 s (small test config), so the default 3 views need six such renders and one GLB. "
+    "'Fast rays' keeps the rays at 64 px instead of the 128 px of PanoHead's final training stage."
+)
+
+
+def available(registry: Registry) -> bool:
+    """Shown when the bundled or the official generator resolves."""
+    return any(is_available(registry, name) for name in GENERATORS)
+
+
+def _generator_choices(registry: Registry) -> list[tuple[str, str]]:
+    suffix = {MODEL_NAME: NOT_TRAINED, PANOHEAD.name: NEEDS_DOWNLOAD}
+    return [(label + ("" if is_available(registry, name) else suffix[name]), name) for name, label in GENERATORS.items()]
+
+
+def _ready_styles(registry: Registry, generator: str) -> list[str]:
+    """original and the styles here for `generator`: its stylize3d style deltas and full stylized generators."""
+    return [ORIGINAL, *available_styles(registry, generator, method="stylize3d"),
+            *available_stylized_generators(registry, generator)]
+
+
+def _style_choices(registry: Registry, generator: str) -> list[tuple[str, str]]:
+    """(label, value) pairs: the ready styles, then the official stylized generators that need a download."""
+    official = {variant.name: variant.title for variant in stylized_variants(generator)}
+    ready = _ready_styles(registry, generator)
+    return ([(official.get(name, name), name) for name in ready]
+            + [(title + NEEDS_DOWNLOAD, name) for name, title in official.items() if name not in ready])
+
+
+def _missing(registry: Registry, generator: str, style: str) -> str | None:
+    """Markdown on how to get the selected generator or official style, or None when both can run."""
+    if not is_available(registry, generator):
+        return VARIANTS[generator].instructions() if generator in VARIANTS else BUNDLED_MISSING
+    variant = VARIANTS.get(style)
+    if variant is not None and variant.base == generator and style not in _ready_styles(registry, generator):
+        return variant.instructions()
+    return None
 
 
 def create_tab(runtime: Runtime) -> None:
     """Components and events of the tab, inside the current `gr.Tab`."""
     registry = runtime.registry
-    styles = available_styles(registry, method="stylize3d")
-    photo_ready = ENCODER_NAME in registry.names and registry.locate(ENCODER_NAME)[0] != "missing"
+    photo_ready = is_available(registry, ENCODER_NAME)
+    default = next(name for name in GENERATORS if is_available(registry, name))
+    ready = _ready_styles(registry, default)
     gr.Markdown(INTRO)
-    if not styles:
-        gr.Markdown(NO_STYLES_NOTE)
     with gr.Row():
         with gr.Column():
+            generator = gr.Dropdown(_generator_choices(registry), value=default, label="Generator")
+            cost_note = gr.Markdown(PANOHEAD_COST_NOTE, visible=default == PANOHEAD.name)
             source = gr.Radio(list(SOURCES), value="seed", label="Source")
             with gr.Row():
                 seed = gr.Slider(0, MAX_SEED, value=0, step=1, label="Seed")
                 randomize = gr.Checkbox(value=False, label="Randomize seed")
-            with gr.Accordion("Photo", open=False):
+            with gr.Accordion("Photo (bundled generator only)", open=False):
                 if not photo_ready:
                     gr.Markdown("The photo encoder is not trained yet; photo input reports that when used.")
                 photo = photo_input("Face photo")
                 example_photos(photo)
                 refine_steps = gr.Slider(0, 50, value=0, step=1, label="Refinement steps (slower, closer)")
-            style = gr.Dropdown([ORIGINAL, *styles], value=styles[0] if styles else ORIGINAL, label="Style")
+            style = gr.Dropdown(_style_choices(registry, default), value=ready[min(1, len(ready) - 1)], label="Style",
+                                allow_custom_value=True)  # choices follow the generator; checked in `stylize`
+            no_styles = gr.Markdown(NO_STYLES_NOTE, visible=len(ready) == 1)
+            instructions = gr.Markdown(visible=False)
             with gr.Group():
-                views = gr.Slider(1, 9, value=5, step=1, label="Number of views")
+                views = gr.Slider(1, 9, value=DEFAULT_VIEWS[default], step=1, label="Number of views")
                 yaw_range = gr.Slider(0, 60, value=40, step=5, label="Yaw range (± degrees)")
                 pitch = gr.Slider(-25, 25, value=0, step=1, label="Pitch (degrees, + looks from below)")
+                fast = gr.Checkbox(value=True, label=f"Fast rays (at most {FAST_RAYS} px; the images keep their size)",
+                                   visible=default == PANOHEAD.name)
             run = gr.Button("Generate", variant="primary")
         with gr.Column():
             original = gr.Gallery(label="Original", columns=5, format="png", height=200)
@@ -60,16 +117,52 @@ def create_tab(runtime: Runtime) -> None:
                                       interactive=False)
             info = gr.Markdown()
 
-    @gpu(duration=60)
-    def stylize(source_value, seed_value, photo_path, refine_value, style_value, view_count, yaw_value, pitch_value):
+    def show_missing(generator_value, style_value):
+        text = _missing(registry, generator_value, style_value)
+        return gr.update(value=text or "", visible=bool(text)), gr.update(interactive=not text)
+
+    def pick_generator(generator_value):
+        styles_here = _ready_styles(registry, generator_value)
+        value = styles_here[min(1, len(styles_here) - 1)]
+        official = generator_value == PANOHEAD.name
+        return (gr.update(choices=_style_choices(registry, generator_value), value=value),
+                gr.update(visible=len(styles_here) == 1 and is_available(registry, generator_value)),
+                gr.update(visible=official), gr.update(visible=official),
+                gr.update(value=DEFAULT_VIEWS[generator_value]), *show_missing(generator_value, value))
+
+    generator.change(pick_generator, generator, [style, no_styles, cost_note, fast, views, instructions, run],
+                     queue=False, api_visibility="private")
+    style.change(show_missing, [generator, style], [instructions, run], queue=False, api_visibility="private")
+
+    def stylize(source_value, seed_value, photo_path, refine_value, style_value, view_count, yaw_value, pitch_value,
+                generator_value, fast_value):
+        text = _missing(registry, generator_value, style_value)
+        if text:
+            raise gr.Error(text, print_exception=False)
+        if style_value not in _ready_styles(registry, generator_value):
+            names = ", ".join(_ready_styles(registry, generator_value))
+            raise gr.Error(f"Style '{style_value}' is not one of the choices for {generator_value}: {names}.",
+                           print_exception=False)
         if source_value == "photo":
+            if generator_value != MODEL_NAME:
+                raise gr.Error("Photo input works with the bundled generator only (its photo encoder was trained "
+                               "for it); use a seed with the official PanoHead.", print_exception=False)
             require_photo(photo_path)
+        return stylize_on_gpu(source_value, seed_value, photo_path, refine_value, style_value, view_count, yaw_value,
+                              pitch_value, generator_value, fast_value)
+
+    @gpu(duration=60)
+    def stylize_on_gpu(source_value, seed_value, photo_path, refine_value, style_value, view_count, yaw_value,
+                       pitch_value, generator_value, fast_value):
         try:
-            pipeline = Head3DPipeline.from_pretrained(runtime=runtime)
+            if generator_value == MODEL_NAME:
+                pipeline = Head3DPipeline.from_pretrained(runtime=runtime)
+            else:
+                pipeline = load_official(generator_value, runtime)
             result = pipeline.stylize(None if style_value == ORIGINAL else style_value, seed=int(seed_value),
                                       photo=photo_path if source_value == "photo" else None,
                                       refine_steps=int(refine_value), yaws=view_yaws(int(view_count), yaw_value),
-                                      pitch=float(pitch_value))
+                                      pitch=float(pitch_value), max_ray_resolution=FAST_RAYS if fast_value else None)
         except (FaceInputError, WeightsError, ValueError) as error:
             raise_user_error(error)
         for warning in result.warnings:
@@ -79,8 +172,8 @@ def create_tab(runtime: Runtime) -> None:
         styled = save_pngs(list(result.stylized), result.provenance, style_value)
         rows = [[round(yaw, 1), value] for (yaw, _), value in zip(result.views, result.identity_similarity)]
         timing = ", ".join(f"{name[:-2]} {seconds:.2f} s" for name, seconds in result.timings.items())
-        notes = [f"Style **{style_value}**, {'photo' if result.inversion else f'seed {int(seed_value)}'} on "
-                 f"{runtime.device.type}: {timing}."]
+        notes = [f"Style **{style_value}** on **{generator_value}**, "
+                 f"{'photo' if result.inversion else f'seed {int(seed_value)}'} on {runtime.device.type}: {timing}."]
         if result.inversion:
             notes.append(f"Photo pose: yaw {result.inversion.yaw:+.0f}°, pitch {result.inversion.pitch:+.0f}°; "
                          f"identity similarity input vs frontal render: {result.inversion.identity_similarity:.3f}.")
@@ -91,7 +184,7 @@ def create_tab(runtime: Runtime) -> None:
 
     run.click(randomize_seed, [seed, randomize], seed, queue=False, api_visibility="private").then(
         stylize,
-        [source, seed, photo, refine_steps, style, views, yaw_range, pitch],
+        [source, seed, photo, refine_steps, style, views, yaw_range, pitch, generator, fast],
         [original, stylized, mesh, similarity, info],
         api_name="stylize_head",
         concurrency_id="gpu",

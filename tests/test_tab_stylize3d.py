@@ -17,6 +17,7 @@ from gradio_client import Client, handle_file
 from core import weights as W
 from core.mesh import read_glb_asset_extras
 from core.nets.style_delta import make_style_delta, save_style_delta
+from core.official import PANOHEAD
 from core.provenance import read_png_provenance
 from core.runtime import Runtime
 from tabs import stylize3d
@@ -124,6 +125,15 @@ def test_bad_input_gets_clear_messages(client):
         client.predict("photo", 0, None, 0, STYLE, 3, 30, 0, api_name="/stylize_head")
     with pytest.raises(Exception, match="(?i)choices"):
         client.predict("seed", 0, None, 0, "cartoon", 3, 30, 0, api_name="/stylize_head")
+
+
+def test_official_panohead_is_listed_with_instructions_until_registered(client):
+    with pytest.raises(Exception, match="needs a download") as error:
+        client.predict("seed", 0, None, 0, "original", 1, 0, 0, PANOHEAD.name, True, api_name="/stylize_head")
+    assert PANOHEAD.download in str(error.value) and PANOHEAD.register_command in str(error.value)
+    _, _, _, table, info = client.predict("seed", 0, None, 0, "original", 1, 0, 0, stylize3d.MODEL_NAME, True,
+                                          api_name="/stylize_head")
+    assert len(table["data"]) == 1 and stylize3d.MODEL_NAME in info
 
 
 def test_without_styles_only_original_with_a_note(weights_dir, tmp_path_factory):
