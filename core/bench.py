@@ -161,6 +161,8 @@ def to_markdown(rows: list[dict[str, str]], machine: dict[str, str]) -> str:
              "`iterations` timed passes of `batch` images; EG3D/PanoHead render the frontal camera with the",
              "official stochastic renderer and include super-resolution). CPU always runs float32. On CPU the",
              "memory column is the process-wide high-water mark so far (runs go from small to large).", "",
+             "Whole pipelines against the issues' speed targets: [BENCHMARKS_PIPELINES.md](BENCHMARKS_PIPELINES.md)",
+             "(`python -m training.bench_pipelines`).", "",
              "## Machine", ""]
     lines += [f"* {key}: {value}" for key, value in machine.items()]
     lines += ["", "## Results", "",
