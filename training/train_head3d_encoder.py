@@ -70,6 +70,27 @@ def random_cameras(count: int, max_yaw: float, max_pitch: float, generator: torc
     return torch.cat([camera_label(float(yaw), float(pitch), radius=radius, lookat=pivot) for yaw, pitch in angles])
 
 
+def render(generator: torch.nn.Module, ws: torch.Tensor, cameras: torch.Tensor) -> torch.Tensor:
+    """Deterministic renders [B, 3, S, S] of W+ codes from camera labels (what the losses compare)."""
+    return generator.synthesis(ws, cameras, deterministic=True, noise_mode="const")["image"]
+
+
+def identity_distance(embeddings: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Mean (1 - cosine) of unit identity embeddings to their references, row by row."""
+    return (1 - (embeddings * reference).sum(dim=1)).mean()
+
+
+def delta_penalty(deltas: torch.Tensor) -> torch.Tensor:
+    """e4e's delta regulariser: the squared norm of the per-layer offsets, summed over layers, batch mean."""
+    return deltas.square().sum(dim=2).sum(dim=1).mean()
+
+
+def latent_loss(ws: torch.Tensor, ws_true: torch.Tensor) -> torch.Tensor:
+    """L2 to the true W+ of the synthetic samples, which come last in a batch (zero without any)."""
+    count = ws_true.shape[0]
+    return F.mse_loss(ws[len(ws) - count:], ws_true) if count else ws.new_zeros(())
+
+
 class Head3DEncoderTrainer:
     """The encoder, its optimizer, the frozen tri-plane generator and identity network of one run."""
 
@@ -99,9 +120,6 @@ class Head3DEncoderTrainer:
         cfg = self.config
         return random_cameras(count, cfg.view_yaw, cfg.view_pitch, generator, self.radius, self.pivot).to(self.device)
 
-    def _render(self, ws: torch.Tensor, cameras: torch.Tensor) -> torch.Tensor:
-        return self.generator.synthesis(ws, cameras, deterministic=True, noise_mode="const")["image"]
-
     def _batch(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(crops in [-1, 1]: real then synthetic, their cameras, the synthetic samples' true W+)."""
         cfg = self.config
@@ -120,28 +138,31 @@ class Head3DEncoderTrainer:
             ws_true = self.generator.mapping(z, frontal.expand(synthetic, -1), truncation_psi=cfg.truncation_psi)
             if synthetic:
                 synthetic_cameras = self._cameras(synthetic, generator)
-                images.append(self._render(ws_true, synthetic_cameras).clamp(-1, 1))
+                images.append(render(self.generator, ws_true, synthetic_cameras).clamp(-1, 1))
                 cameras.append(synthetic_cameras)
         return torch.cat(images), torch.cat(cameras), ws_true
+
+    def encode(self, images: torch.Tensor, cameras: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W+ codes, the encoder's per-layer deltas) of input crops seen from their cameras."""
+        base, deltas = self.encoder.offsets(images)
+        base = base + self.encoder.camera_offset(cameras)
+        return self.encoder.w_avg + base[:, None, :] + deltas, deltas
 
     def step(self) -> dict[str, float]:
         """One Adam step; returns the loss terms."""
         cfg = self.config
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step_count)
         targets, cameras, ws_true = self._batch(generator)
-        base, deltas = self.encoder.offsets(targets)
-        base = base + self.encoder.camera_offset(cameras)
-        ws = self.encoder.w_avg + base[:, None, :] + deltas
-        reconstruction = self._render(ws, cameras)
-        novel = self._render(ws, self._cameras(len(targets), generator))
+        ws, deltas = self.encode(targets, cameras)
+        reconstruction = render(self.generator, ws, cameras)
+        novel = render(self.generator, ws, self._cameras(len(targets), generator))
         with torch.no_grad():
             target_embedding = self.identity.embed_aligned(targets)
         pixel = F.mse_loss(reconstruction, targets)
-        identity = (1 - (self.identity.embed_aligned(reconstruction) * target_embedding).sum(dim=1)).mean()
-        multiview = (1 - (self.identity.embed_aligned(novel) * target_embedding).sum(dim=1)).mean()
-        delta = deltas.square().sum(dim=2).sum(dim=1).mean()
-        count = ws_true.shape[0]
-        latent = F.mse_loss(ws[len(ws) - count:], ws_true) if count else ws.new_zeros(())
+        identity = identity_distance(self.identity.embed_aligned(reconstruction), target_embedding)
+        multiview = identity_distance(self.identity.embed_aligned(novel), target_embedding)
+        delta = delta_penalty(deltas)
+        latent = latent_loss(ws, ws_true)
         loss = cfg.pixel_weight * pixel + cfg.identity_weight * identity + cfg.multiview_weight * multiview \
             + cfg.latent_weight * latent + cfg.delta_weight * delta
         self.optimizer.zero_grad(set_to_none=True)
