@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -63,3 +64,35 @@ def test_mismatched_architectures_are_refused():
     base, _ = _pair()
     with pytest.raises(ValueError, match="different state-dict keys"):
         make_style_delta(base, nn.Linear(2, 2), "b")
+
+
+def test_a_companion_module_travels_as_a_named_part(tmp_path):
+    from core.nets.encoders import Head3DEncoder, head3d_encoder_config
+
+    base, tuned = _pair()
+    torch.manual_seed(1)
+    encoder = Head3DEncoder(head3d_encoder_config(4, 8, 32, channels=[4, 4, 4], pyramid_channels=4, head_channels=2,
+                                                  head_grid=2, head_hidden=4))
+    tuned_encoder = copy.deepcopy(encoder)
+    with torch.no_grad():
+        for parameter in tuned_encoder.heads.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    part = make_style_delta(encoder, tuned_encoder, "encoder-model", rank=None)
+    assert part.changes() and all(name.startswith("heads.") for name in part.changes())  # frozen tensors dropped
+    folder = save_style_delta(make_style_delta(base, tuned, "generator-model", rank=2), tmp_path / "style",
+                              parts={"encoder": part})
+    config = json.loads((folder / "config.json").read_text())
+    assert config["base"] == "generator-model"
+    assert config["parts"] == {"encoder": {"kind": "style_delta", "base": "encoder-model", "rank": None,
+                                           "file": "encoder.safetensors"}}
+    reloaded = build_style_delta(config["parts"]["encoder"], load_file(str(folder / "encoder.safetensors")))
+    styled = apply_style_delta(encoder, reloaded)
+    images, cameras = torch.rand(2, 3, 32, 32) * 2 - 1, torch.randn(2, 25)
+    with torch.no_grad():
+        torch.testing.assert_close(styled(images, cameras), tuned_encoder(images, cameras), rtol=1e-2, atol=1e-2)
+    with pytest.raises(ValueError, match="part name"):
+        save_style_delta(part, tmp_path / "bad", parts={"model": part})
+    with pytest.raises(ValueError, match="shapes"):
+        apply_style_delta(Head3DEncoder(head3d_encoder_config(4, 8, 32, channels=[4, 4, 4], pyramid_channels=4,
+                                                              head_channels=2, head_grid=2, head_hidden=6)),
+                          reloaded)

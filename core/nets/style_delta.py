@@ -6,7 +6,10 @@ change (`<name>.up` [out, r] @ `<name>.down` [r, rest], from a truncated SVD), a
 difference (`<name>.delta`). `apply_style_delta` adds the changes to a deep copy of the base.
 
 Bundled format: `model.safetensors` (float16) + `config.json` {"kind": "style_delta", "base": <registry name>,
-"rank": r | null, ...}.
+"rank": r | null, ...}. A style may also carry deltas of companion modules over their own bases (e.g. a photo encoder
+fine-tuned for the style): each part `<part>` is `<part>.safetensors` in the same folder, described by
+`config["parts"][<part>]` = {"kind": "style_delta", "base": ..., "rank": ..., "file": "<part>.safetensors"}, and is
+read back with `build_style_delta(config["parts"][<part>], tensors)`.
 """
 
 from __future__ import annotations
@@ -88,6 +91,9 @@ def apply_style_delta(base: torch.nn.Module, delta: StyleDelta) -> torch.nn.Modu
     unknown = sorted(set(changes) - set(state))
     if unknown:
         raise ValueError(f"the style changes tensors the base does not have: {unknown[:3]}")
+    mismatched = sorted(name for name, change in changes.items() if change.numel() != state[name].numel())
+    if mismatched:
+        raise ValueError(f"the style's changes do not fit the base's tensor shapes: {mismatched[:3]}")
     with torch.no_grad():
         for name, change in changes.items():
             target = state[name]
@@ -95,14 +101,25 @@ def apply_style_delta(base: torch.nn.Module, delta: StyleDelta) -> torch.nn.Modu
     return styled
 
 
-def save_style_delta(delta: StyleDelta, directory: str | Path, extra_config: dict | None = None) -> Path:
-    """Write `model.safetensors` (float16) and `config.json` into `directory`."""
+def save_style_delta(delta: StyleDelta, directory: str | Path, extra_config: dict | None = None,
+                     parts: dict[str, StyleDelta] | None = None) -> Path:
+    """Write `model.safetensors` (float16) and `config.json` into `directory`, and each named part (the delta of a
+    companion module over its own base) as `<part>.safetensors` described under `config["parts"]`."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.to(torch.float16).contiguous() for k, v in delta.tensors().items()},
-              str(directory / "model.safetensors"))
-    (directory / "config.json").write_text(json.dumps({**delta.config(), **(extra_config or {})}, indent=1))
+    _save_tensors(delta, directory / "model.safetensors")
+    config = {**delta.config(), **(extra_config or {})}
+    for name, part in (parts or {}).items():
+        if name == "model" or not name.isidentifier():
+            raise ValueError(f"invalid style part name {name!r}")
+        _save_tensors(part, directory / f"{name}.safetensors")
+        config.setdefault("parts", {})[name] = {**part.config(), "file": f"{name}.safetensors"}
+    (directory / "config.json").write_text(json.dumps(config, indent=1))
     return directory
+
+
+def _save_tensors(delta: StyleDelta, path: Path) -> None:
+    save_file({k: v.to(torch.float16).contiguous() for k, v in delta.tensors().items()}, str(path))
 
 
 def build_style_delta(config: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> StyleDelta:
