@@ -1,5 +1,7 @@
-"""AgileGAN3D CLI: the three stages end to end in a tiny configuration, resuming a stage, exporting a style delta."""
+"""AgileGAN3D CLI: the four stages end to end in a tiny configuration, resuming each stage, exporting a style with its
+encoder delta and evaluation, the exemplar-count study, and the fresh-encoder fallback."""
 
+import io
 import json
 
 import numpy as np
@@ -8,25 +10,36 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from core.beauty import load_identity_encoder
 from core.nets import load_generator
 from core.nets.camera import camera_label
 from core.nets.style_delta import apply_style_delta, build_style_delta
+from tests.test_head3d_encoder import TINY_ENCODER
 from training.agilegan3d import (
-    AgileConfig,
+    AUGMENTED_FILE,
     LATENTS_FILE,
     MARKER_FILE,
+    PHOTOS_FILE,
     STAGES,
     STYLED3D_FILE,
+    STYLED_ENCODER_FILE,
     STYLIZER_FILE,
     TINY,
+    AgileConfig,
     StylePriorTrainer,
+    _save_weights,
+    export_style,
+    load_base_encoder,
     main,
     project_to_w,
-    read_augmented,
+    read_photos,
+    run_encoder_stage,
     run_prior_stage,
 )
+from training.data.archive import pack_bytes, write_archive
 from training.resumable import STATE_FILE
 from training.train_head3d import Head3DConfig, Head3DTrainer
+from training.train_head3d_encoder import Head3DEncoderConfig, Head3DEncoderTrainer
 from training.train_stylegan2 import StyleGAN2Trainer, TrainConfig, TrainingImages
 
 TINY_2D = TrainConfig(resolution=32, z_dim=16, w_dim=16, mapping_layers=1, channel_base=256, channel_max=16,
@@ -54,26 +67,52 @@ def _threads():
     torch.set_num_threads(2)
 
 
+def _camera_archive(path, count: int = 9):
+    """A 32-px face archive of random crops with camera labels: 6 train, 3 test."""
+    rng = np.random.default_rng(2)
+    blobs = []
+    for _ in range(count):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, [32, 32, 3], dtype=np.uint8)).save(buffer, format="PNG")
+        blobs.append(buffer.getvalue())
+    image_data, image_offsets = pack_bytes(blobs)
+    cameras = torch.cat([camera_label(float(yaw), 0.0) for yaw in np.linspace(-30, 30, count)]).numpy()
+    split = np.array([0] * 6 + [1] * (count - 6), np.uint8)
+    metadata = {"size": 32, "names": [f"s{i}" for i in range(count)], "splits": ["train", "test"],
+                "class_names": ["background"]}
+    return write_archive(path, {"image_data": image_data, "image_offsets": image_offsets, "split": split,
+                                "camera": cameras.astype(np.float32)}, metadata)
+
+
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory):
-    """Tiny random base generators exported in the bundled format, and 6 tiny exemplars with a SOURCE.md."""
+    """Tiny random base generators and base 3D encoder exported in the bundled format, 6 tiny exemplars with a
+    SOURCE.md, and a tiny archive with camera labels."""
     root = tmp_path_factory.mktemp("agile")
     torch.manual_seed(0)
     StyleGAN2Trainer(TINY_2D, None).export(root / "base2d")
     Head3DTrainer(TINY_3D, None).export(root / "base3d")
+    Head3DEncoderTrainer(Head3DEncoderConfig(encoder_overrides=TINY_ENCODER), load_generator(root / "base3d"),
+                         load_identity_encoder("identity-resnet")).export(root / "encoder")
     exemplars = root / "exemplars"
     exemplars.mkdir()
     rng = np.random.default_rng(0)
     for index in range(6):
         Image.fromarray(rng.integers(0, 256, [40, 40, 3], dtype=np.uint8)).save(exemplars / f"ex{index}.png")
     (exemplars / "SOURCE.md").write_text("Random noise images made by the test (public domain).")
+    _camera_archive(root / "faces32.npz")
     return root
 
 
 def _args(bases, run, *extra):
     return ["--exemplars", str(bases / "exemplars"), "--name", "noise", "--base2d", str(bases / "base2d"),
-            "--base3d", str(bases / "base3d"), "--run", str(run), "--tiny", "--aligned", "--reserve-s", "1",
+            "--base3d", str(bases / "base3d"), "--base-encoder", str(bases / "encoder"), "--data",
+            str(bases / "faces32.npz"), "--run", str(run), "--tiny", "--aligned", "--reserve-s", "1",
             "--log-every", "1", *extra]
+
+
+def _steps(run):
+    return [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
 
 
 def test_projection_reduces_the_reconstruction_error():
@@ -105,12 +144,18 @@ def test_style_prior_keeps_mapping_and_low_resolution_blocks_frozen():
         assert changed == trainable, name
 
 
-def test_cli_runs_all_stages_resumes_and_exports_a_style_delta(bases, tmp_path):
+def test_cli_runs_every_stage_resumes_and_exports_a_style_with_its_encoder(bases, tmp_path):
     run, out = tmp_path / "run", tmp_path / "style"
     assert main(_args(bases, run, "--minutes", "0")) == 0  # starts the run folder only
     marker = json.loads((run / MARKER_FILE).read_text())
     assert marker["completed"] == [] and len(marker["exemplars"]) == 6
     assert "public domain" in marker["exemplar_source"]["origin"]
+    assert marker["base_encoder"] == {"name": "head3d-encoder-faces128", "dir": str(bases / "encoder")}
+    images, cameras, mirrored = read_photos(run / PHOTOS_FILE, "train", 128)
+    assert images.shape == (TINY.encoder_photos, 3, 128, 128) and cameras.shape == mirrored.shape == (4, 25)
+    assert read_photos(run / PHOTOS_FILE, "test", 128)[0].shape[0] == TINY.eval_photos
+    with pytest.raises(SystemExit):
+        main(_args(bases, run, "--stage", "encoder"))  # needs the earlier stages
 
     # Stage 1 stopped by its deadline after one of its two steps: a checkpoint is left to resume from.
     finished = run_prior_stage(run, AgileConfig(**marker["config"]), bases / "exemplars", True, bases / "base2d",
@@ -118,20 +163,36 @@ def test_cli_runs_all_stages_resumes_and_exports_a_style_delta(bases, tmp_path):
     assert not finished and (run / STATE_FILE).exists() and (run / LATENTS_FILE).exists()
     assert json.loads((run / STATE_FILE).read_text())["step"] == 1
 
-    assert main(_args(bases, run, "--minutes", "5", "--export", str(out))) == 0
+    for stage in STAGES[:3]:  # every call resumes the run folder and continues with the next stage
+        assert main(_args(bases, run, "--minutes", "5", "--stage", stage)) == 0
+        assert json.loads((run / MARKER_FILE).read_text())["completed"] == list(STAGES[:STAGES.index(stage) + 1])
+    assert _steps(run)[:2] == [1, 2]  # the prior stage continued at step 2
+    assert (run / STYLED3D_FILE).exists() and not (run / STATE_FILE).exists()
+    assert not any((run / name).exists() for name in (LATENTS_FILE, STYLIZER_FILE, AUGMENTED_FILE))
+
+    # Stage 4 stopped after one of its two steps, then resumed by the exporting call.
     marker = json.loads((run / MARKER_FILE).read_text())
-    assert marker["completed"] == list(STAGES)
-    steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
-    assert steps[:2] == [1, 2]  # the prior stage continued at step 2, then the 3D stage logged its own steps
-    assert (run / STYLIZER_FILE).exists() and (run / STYLED3D_FILE).exists()
-    assert not (run / LATENTS_FILE).exists() and not (run / STATE_FILE).exists()
-    blobs, yaw, pitch = read_augmented(run)
-    assert len(blobs) == TINY.augment_count == len(yaw) == len(pitch)
-    assert np.abs(yaw).max() <= TINY.yaw_range
+    assert not run_encoder_stage(run, AgileConfig(**marker["config"]), marker, StepsDeadline(1), "cpu", 1)
+    assert json.loads((run / STATE_FILE).read_text())["step"] == 1
+    assert main(_args(bases, run, "--minutes", "5", "--export", str(out))) == 0
+    assert json.loads((run / MARKER_FILE).read_text())["completed"] == list(STAGES)
+    assert _steps(run)[-2:] == [1, 2] and (run / STYLED_ENCODER_FILE).exists()
+    record = json.loads((run / "log.jsonl").read_text().splitlines()[-1])
+    assert all(np.isfinite(record[key]) for key in ("identity", "multiview", "pixel", "latent", "delta"))
 
     config = json.loads((out / "config.json").read_text())
     assert config["kind"] == "style_delta" and config["base"] == "head3d-faces128" and config["style"] == "noise"
-    assert "public domain" in (out / "README.md").read_text()
+    part = config["parts"]["encoder"]
+    assert part["base"] == "head3d-encoder-faces128" and part["file"] == "encoder.safetensors"
+    card = (out / "README.md").read_text()
+    assert "public domain" in card and "style's `encoder` part" in card
+    evaluation = config["evaluation"]
+    assert evaluation["encoder"] == "style" and evaluation["style"]["photos"] == TINY.eval_photos
+    for metrics in (evaluation["style"], evaluation["base"]):
+        assert -1 <= metrics["photo_identity"] <= 1 and -1 <= metrics["multiview_identity"] <= 1
+    assert evaluation["style"]["style_strength"] > 0 and "style_strength" not in evaluation["base"]
+    assert f"| {evaluation['style']['photo_identity']:.3f} |" in card
+
     base = load_generator(bases / "base3d")
     styled = apply_style_delta(base, build_style_delta(config, load_file(out / "model.safetensors")))
     z = torch.randn([1, TINY_3D.z_dim], generator=torch.Generator().manual_seed(1))
@@ -143,7 +204,49 @@ def test_cli_runs_all_stages_resumes_and_exports_a_style_delta(bases, tmp_path):
 
     assert (render(styled) - render(base)).abs().max() > 1e-3
 
-    assert main(_args(bases, run, "--stage", "encoder")) == 2  # reported TODO
+    # The encoder delta holds only the tuned modules (the photo backbone stays frozen) and changes the codes.
+    base_encoder = load_base_encoder(marker["base_encoder"])
+    delta = build_style_delta(part, load_file(out / "encoder.safetensors"))
+    assert delta.changes() and all(name.startswith(("laterals.", "heads.", "camera_offset."))
+                                   for name in delta.changes())
+    styled_encoder = apply_style_delta(base_encoder, delta)
+    crops = torch.rand([1, 3, 128, 128]) * 2 - 1
+    with torch.no_grad():
+        assert not torch.allclose(styled_encoder(crops, c), base_encoder(crops, c))
+
+
+def test_without_a_base_encoder_stage_4_starts_fresh_and_the_style_ships_none(bases, tmp_path, capsys):
+    run = tmp_path / "run"
+    main(_args(bases, run, "--minutes", "0"))
+    marker = json.loads((run / MARKER_FILE).read_text())
+    marker.update(base_encoder=None, completed=list(STAGES[:3]))
+    _save_weights(load_generator(bases / "base3d"), run / STYLED3D_FILE)  # stands in for the tuned generator
+    assert run_encoder_stage(run, AgileConfig(**marker["config"]), marker, StepsDeadline(5), "cpu", 1)
+    assert "fresh Head3DEncoder" in capsys.readouterr().out
+    marker["completed"].append("encoder")
+    out = export_style(run, marker, tmp_path / "style")
+    config = json.loads((out / "config.json").read_text())
+    assert "parts" not in config and "evaluation" not in config and not (out / "encoder.safetensors").exists()
+    assert "Trained from a fresh Head3DEncoder, so it is not shipped" in (out / "README.md").read_text()
+
+
+def test_exemplar_count_study_trains_each_count_and_writes_the_table(bases, tmp_path):
+    root, out = tmp_path / "study", tmp_path / "style"
+    args = _args(bases, root, "--exemplar-counts", "3,2", "--minutes", "5", "--export", str(out))
+    assert main(args) == 0
+    subsets = [json.loads((root / f"n{count}" / MARKER_FILE).read_text())["exemplars"] for count in (2, 3)]
+    assert len(subsets[0]) == 2 and len(subsets[1]) == 3 and set(subsets[0]) < set(subsets[1])
+    assert not (root / "n2" / STYLED3D_FILE).exists() and (root / "n3" / STYLED3D_FILE).exists()
+    table = (root / "study.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "portraits of" not in line]
+    assert [row.split(" | ")[1] for row in rows] == ["-", "2", "3"]
+    evaluations = [json.loads((root / f"n{count}_style" / "config.json").read_text())["evaluation"]
+                   for count in (2, 3)]
+    assert f"{evaluations[0]['style']['multiview_identity']:.3f}" in rows[1]
+    card = (out / "README.md").read_text()
+    assert "## Exemplar-count study" in card and table.strip() in card
+    assert json.loads((out / "config.json").read_text())["training"]["exemplars"] == subsets[1]
+    assert main(args) == 0  # a finished study only rewrites its table
 
 
 class _CropArchive:

@@ -1,0 +1,78 @@
+"""Model-card metrics of an AgileGAN3D style: stylized 3D portraits of held-out photos, through the style's encoder.
+
+`training/agilegan3d.py` calls `evaluate_portraits` on every exported style (and on the exemplar-count study's
+styles), on the run's held-out test-split crops with their archive camera labels. Each photo is encoded with its
+camera; the latent is rendered by the generator at that camera and at yaws `EVAL_YAWS` (pitch 0):
+
+* `photo_identity`: identity cosine (`core.identity`) of the render at the photo's camera to the photo (mean).
+* `multiview_identity`: identity cosine of the renders at yaw -30, -15, 15, 30 to the frontal render (mean over
+  photos and yaws): how well the stylized portrait keeps one identity while it turns.
+* `style_strength` (with a reference generator, the base one): mean absolute difference between the stylized and
+  the base generator's renders of the same latents over `EVAL_YAWS`, pixel values on a 0-1 scale. 0 means no visible
+  change; it measures how far the style moves the portrait, not whether it moves it towards the exemplars.
+
+The same numbers for the base generator with the base encoder give the reference row of the table.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from core.nets.camera import camera_label
+from training.train_head3d_encoder import render
+
+EVAL_YAWS = (-30.0, -15.0, 0.0, 15.0, 30.0)
+BATCH = 8
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a * b).sum(dim=1)
+
+
+@torch.no_grad()
+def evaluate_portraits(generator: torch.nn.Module, encoder: torch.nn.Module, identity: torch.nn.Module,
+                       images: torch.Tensor, cameras: torch.Tensor,
+                       reference: torch.nn.Module | None = None) -> dict[str, Any]:
+    """The metrics above for uint8 crops [N, 3, S, S] with camera labels [N, 25] (all models frozen, one device);
+    `style_strength` only with a `reference` generator."""
+    device = next(generator.parameters()).device
+    rendering = generator.rendering_kwargs
+    views = torch.cat([camera_label(yaw, 0.0, radius=float(rendering.get("avg_camera_radius", 2.7)),
+                                    lookat=tuple(rendering.get("avg_camera_pivot", (0.0, 0.0, 0.2))))
+                       for yaw in EVAL_YAWS]).to(device)
+    frontal = EVAL_YAWS.index(0.0)
+    photo, multiview, strength = [], [], []
+    for start in range(0, len(images), BATCH):
+        crops = images[start:start + BATCH].to(device).float() / 127.5 - 1
+        batch_cameras = cameras[start:start + BATCH].to(device)
+        ws = encoder(crops, batch_cameras)
+        count = len(ws)
+        photo.append(_cosine(identity.embed_aligned(render(generator, ws, batch_cameras)),
+                             identity.embed_aligned(crops)))
+        repeated = ws.repeat_interleave(len(EVAL_YAWS), dim=0)
+        turned = render(generator, repeated, views.repeat(count, 1))
+        embeddings = identity.embed_aligned(turned).view(count, len(EVAL_YAWS), -1)
+        others = [index for index in range(len(EVAL_YAWS)) if index != frontal]
+        multiview.append((embeddings[:, others] * embeddings[:, frontal:frontal + 1]).sum(dim=2).flatten())
+        if reference is not None:
+            original = render(reference, repeated, views.repeat(count, 1))
+            strength.append(((turned.clamp(-1, 1) - original.clamp(-1, 1)).abs() / 2).mean(dim=(1, 2, 3)))
+    metrics: dict[str, Any] = {"photos": len(images),
+                               "photo_identity": round(float(torch.cat(photo).mean()), 4),
+                               "multiview_identity": round(float(torch.cat(multiview).mean()), 4)}
+    if reference is not None:
+        metrics["style_strength"] = round(float(torch.cat(strength).mean()), 4)
+    return metrics
+
+
+def results_table(rows: list[tuple[str, str, dict[str, Any]]]) -> str:
+    """A Markdown table of (name, exemplars, metrics) rows."""
+    lines = ["| portraits of | exemplars | identity to photo | multi-view identity (yaw -30..30) | style strength |",
+             "|---|---|---|---|---|"]
+    for name, exemplars, metrics in rows:
+        strength = metrics.get("style_strength")
+        lines.append(f"| {name} | {exemplars} | {metrics['photo_identity']:.3f} | {metrics['multiview_identity']:.3f}"
+                     f" | {'-' if strength is None else f'{strength:.3f}'} |")
+    return "\n".join(lines)
