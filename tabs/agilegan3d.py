@@ -16,21 +16,39 @@ REQUIRED_MODELS = (MODEL_NAME, ENCODER_NAME, IDENTITY_NAME)
 INTRO = (
     "Upload a portrait and get a stylized 3D portrait you can turn around, in a style the 3D generator learned from "
     "about twenty 2D exemplars ([AgileGAN3D](https://arxiv.org/abs/2303.14297): a 2D style prior, an augmented set "
-    "of stylized multi-view renders, then transfer learning of the 3D generator)."
+    "of stylized multi-view renders, transfer learning of the 3D generator, and a photo encoder tuned to the style)."
 )
 TRAINING_HELP = """\
-A style is trained from a folder of ~20 exemplar images (portraits in the target style) in three stages, on a GPU,
-in resumable chunks of at most ~9.5 minutes:
+A style is trained from a folder of ~20 exemplar images (portraits in the target style) on a GPU, in resumable
+chunks of at most ~9.5 minutes. The run passes through the three stages of the paper, the first in two steps:
+
+1. **Style prior and augmented set.** A 2D StyleGAN2 is fine-tuned on the exemplars (`prior`); then the 3D
+   generator's renders at known cameras are pushed through it, giving a large set of stylized images with camera
+   labels (`augment`).
+2. **Guided transfer learning.** The 3D generator is fine-tuned on that set, cameras kept (`transfer`).
+3. **3D inversion encoder.** The photo encoder is fine-tuned against the stylized 3D generator on real photos and
+   synthetic heads: the stylized render must keep the photo's identity, and so must the stylized renders from
+   other angles (the multi-view consistency loss) (`encoder`).
 
 ```bash
-python -m training.agilegan3d --exemplars my_exemplars/ --name mystyle --run runs/agile_mystyle --minutes 9
-# repeat until the run folder's agilegan3d.json lists prior, augment and transfer, then:
+# start on the CPU: copies real and held-out photos with their cameras from the face archive
+python -m training.agilegan3d --exemplars my_exemplars/ --name mystyle --data datasets/faces/faces128.npz \\
+    --run runs/agile_mystyle --minutes 0
+# repeat on the GPU until the run folder's agilegan3d.json lists prior, augment, transfer and encoder
+python -m training.agilegan3d --run runs/agile_mystyle --minutes 9
 python -m training.agilegan3d --run runs/agile_mystyle --minutes 0 --export weights/agilegan3d_mystyle
 python -m core.weights register weights/agilegan3d_mystyle --name agilegan3d-mystyle --licence "<your exemplars' licence>"
 ```
 
-The export is a compact delta over the bundled 3D generator (a few hundred KiB). Restart the app and the style shows
-up here. `training/README.md` ("AgileGAN3D styles") has the details and the exact GPU-machine commands.
+The export is a compact delta over the bundled 3D generator plus one over the photo encoder (about 0.5 MiB together),
+with a model card that reports, on held-out photos, the identity of the stylized portrait to the photo, its identity
+consistency from yaw -30° to 30° and the style strength. Restart the app and the style shows up here; photos are
+then encoded with the style's own encoder.
+
+**How many exemplars?** Add `--exemplar-counts 5,10,20` (with `--run` naming a study folder) to train the style on
+nested random subsets of 5, 10 and 20 exemplars and evaluate each the same way; the table goes into the model card of
+the 20-exemplar style, which `--export` writes. `training/README.md` ("AgileGAN3D styles") has the details and the
+exact GPU-machine commands.
 """
 
 
@@ -84,7 +102,10 @@ def create_tab(runtime: Runtime) -> None:
         similarity = ", ".join(f"{yaw:+.0f}°: {value:.2f}" for (yaw, _), value in
                                zip(result.views, result.identity_similarity))
         timing = ", ".join(f"{name[:-2]} {seconds:.2f} s" for name, seconds in result.timings.items())
-        notes = (f"Style **{style_value}**. Identity similarity input vs 3D inversion (frontal): "
+        encoder = ("the style's own encoder" if result.provenance.parameters["encoder"] == "style"
+                   else "the base encoder")
+        notes = (f"Style **{style_value}**; photo encoded with {encoder}. Identity similarity input vs 3D inversion "
+                 "(frontal): "
                  f"**{inversion.identity_similarity:.3f}**; inversion vs stylized per view: {similarity}.\n\n"
                  f"{timing} on {runtime.device.type}.")
         return (aligned_png, frontal_png, list(zip(views_png, captions)),

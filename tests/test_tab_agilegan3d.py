@@ -1,10 +1,11 @@
-"""AgileGAN3D tab end to end: /agile3d_stylize turns a fixture photo into a stylized multi-view portrait and a GLB.
-Until the base 3D generator, its encoder and a style are trained, tiny random ones are registered in a temporary
-registry."""
+"""AgileGAN3D tab end to end: /agile3d_stylize turns a fixture photo into a stylized multi-view portrait and a GLB,
+encoding the photo with the style's own encoder when the style ships one. Until the base 3D generator, its encoder
+and a style are trained, tiny random ones are registered in a temporary registry."""
 
 from __future__ import annotations
 
 import copy
+import json
 
 import gradio as gr
 import pytest
@@ -12,11 +13,14 @@ import torch
 import trimesh
 from gradio_client import Client, handle_file
 from PIL import Image
+from safetensors.torch import load_file
 
 from core import weights as W
 from core.mesh import read_glb_asset_extras
 from core.nets import load_generator
+from core.nets.encoders import build_head3d_encoder
 from core.nets.style_delta import make_style_delta, save_style_delta
+from core.pipelines.head3d import Head3DPipeline
 from core.provenance import read_png_provenance
 from core.runtime import Runtime
 from tabs import agilegan3d, available_tabs
@@ -27,7 +31,8 @@ from tests.test_tab_stylize3d import _copy_identity, _register
 from training.train_head3d import Head3DTrainer
 from training.train_head3d_encoder import Head3DEncoderConfig, Head3DEncoderTrainer
 
-STYLE = "agilegan3d-test"
+STYLE = "agilegan3d-test"  # ships its own encoder
+PLAIN_STYLE = "agilegan3d-plain"  # generator delta only
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +57,18 @@ def registry(tmp_path_factory) -> W.Registry:
     with torch.no_grad():
         for parameter in tuned.superresolution.parameters():
             parameter.add_(0.2 * torch.randn_like(parameter))
-    save_style_delta(make_style_delta(trainer.G_ema, tuned, agilegan3d.MODEL_NAME), folder / "style",
-                     extra_config={"method": "agilegan3d", "style": "test"})
+    generator_delta = make_style_delta(trainer.G_ema, tuned, agilegan3d.MODEL_NAME)
+    base_encoder = build_head3d_encoder(json.loads((folder / "encoder" / "config.json").read_text()),
+                                        load_file(folder / "encoder" / "model.safetensors"))
+    tuned_encoder = copy.deepcopy(base_encoder)
+    with torch.no_grad():
+        for parameter in tuned_encoder.heads.parameters():
+            parameter.add_(0.2 * torch.randn_like(parameter))
+    save_style_delta(generator_delta, folder / "style", extra_config={"method": "agilegan3d", "style": "test"},
+                     parts={"encoder": make_style_delta(base_encoder, tuned_encoder, agilegan3d.ENCODER_NAME)})
     _register(folder / "style", STYLE, path)
+    save_style_delta(generator_delta, folder / "plain", extra_config={"method": "agilegan3d", "style": "plain"})
+    _register(folder / "plain", PLAIN_STYLE, path)
     return W.Registry.load(path)
 
 
@@ -83,7 +97,19 @@ def test_photo_becomes_a_stylized_3d_portrait(client):
     assert read_png_provenance(views[0]["image"])["parameters"]["style"] == STYLE
     mesh = trimesh.load(glb, force="mesh")
     assert 0 < len(mesh.faces) <= 100_000 and read_glb_asset_extras(glb)["parameters"]["style"] == STYLE
-    assert "Identity similarity input vs 3D inversion" in info
+    assert "Identity similarity input vs 3D inversion" in info and "the style's own encoder" in info
+
+
+def test_photos_go_through_the_style_encoder_when_the_style_ships_one(registry):
+    pipeline = Head3DPipeline.from_pretrained(runtime=Runtime("cpu", registry=registry))
+    base = pipeline.invert(EXAMPLE_PHOTOS[2])
+    styled, plain = (pipeline.stylize(style, photo=EXAMPLE_PHOTOS[2], yaws=(0,), mesh=False)
+                     for style in (STYLE, PLAIN_STYLE))
+    assert styled.provenance.parameters["encoder"] == "style" and plain.provenance.parameters["encoder"] == "base"
+    assert not torch.allclose(styled.inversion.ws, base.ws, atol=1e-3)
+    torch.testing.assert_close(plain.inversion.ws, base.ws)
+    assert pipeline.style_encoder(PLAIN_STYLE) is None
+    assert pipeline.stylize(STYLE, seed=3, yaws=(0,), mesh=False).provenance.parameters["encoder"] is None
 
 
 def test_bad_input_gets_clear_messages(client, tmp_path):

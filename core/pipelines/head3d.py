@@ -228,6 +228,18 @@ class Head3DPipeline:
 
         return self.runtime.get_model(style, build, dtype=torch.float32)
 
+    def style_encoder(self, style: str) -> torch.nn.Module | None:
+        """The photo encoder of the registry style `style`: its `encoder` part (`core.nets.style_delta`) applied to
+        a copy of this pipeline's encoder; None when the style ships no encoder (photos then go through the base
+        encoder)."""
+        part = self.runtime.registry.load_config(style).get("parts", {}).get("encoder")
+        if part is None or self.encoder is None:
+            return None
+        from core.nets.style_delta import apply_style_delta, build_style_delta
+
+        delta = build_style_delta(part, self.runtime.registry.load_state_dict(style, part["file"]))
+        return apply_style_delta(self.encoder, delta)
+
     def camera(self, yaw_deg: float, pitch_deg: float) -> torch.Tensor:
         """[1, 25] label of the camera at (yaw, pitch) degrees around the generator's pivot."""
         return camera_label(yaw_deg, pitch_deg, radius=self.camera_radius, lookat=self.camera_pivot).to(
@@ -392,16 +404,24 @@ class Head3DPipeline:
                 max_ray_resolution: int | None = None) -> StyleComparison:
         """Render the head of `seed` (or the inverted `photo`) with the original generator and with the registry
         style `style` (None: the original again) from yaws at `pitch` (rays at most `max_ray_resolution` px);
-        identity cosine per view; stylized GLB."""
+        identity cosine per view; stylized GLB. A photo goes through the style's own encoder when it ships one."""
         views = tuple((float(yaw), float(pitch)) for yaw in yaws)
         timings: dict[str, float] = {}
         started = time.perf_counter()
-        ws, inversion, source = self._latent(seed, truncation_psi, None, photo, refine_steps, timings)
+        inverter = self
+        style_encoder = self.style_encoder(style) if style is not None and photo is not None else None
+        if style_encoder is not None:
+            inverter = Head3DPipeline(self.generator, self.runtime, self.model_name, self.revision,
+                                      encoder=style_encoder, identity=self.identity)
+            inverter.camera_radius, inverter.camera_pivot = self.camera_radius, self.camera_pivot
+        ws, inversion, source = inverter._latent(seed, truncation_psi, None, photo, refine_steps, timings)
         provenance = Provenance(STYLE_METHOD, self.model_name, self.revision, seed if source == "seed" else None,
                                 {"style": style or "original", "truncation_psi": truncation_psi, "views": views,
                                  "latent": source, "refine_steps": refine_steps if inversion else 0,
                                  "mesh_resolution": mesh_resolution, "mesh_level": mesh_level,
-                                 "max_ray_resolution": max_ray_resolution})
+                                 "max_ray_resolution": max_ray_resolution,
+                                 "encoder": (("style" if style_encoder is not None else "base") if inversion
+                                             else None)})
         styled = self
         if style is not None:
             start = time.perf_counter()
