@@ -163,9 +163,11 @@ def test_cli_runs_every_stage_resumes_and_exports_a_style_with_its_encoder(bases
     assert not finished and (run / STATE_FILE).exists() and (run / LATENTS_FILE).exists()
     assert json.loads((run / STATE_FILE).read_text())["step"] == 1
 
-    for stage in STAGES[:3]:  # every call resumes the run folder and continues with the next stage
+    for stage in STAGES[:2]:  # every call resumes the run folder and continues with the next stage
         assert main(_args(bases, run, "--minutes", "5", "--stage", stage)) == 0
         assert json.loads((run / MARKER_FILE).read_text())["completed"] == list(STAGES[:STAGES.index(stage) + 1])
+    assert main(_args(bases, run, "--minutes", "5", "--stop-after", "transfer")) == 0
+    assert json.loads((run / MARKER_FILE).read_text())["completed"] == list(STAGES[:3])
     assert _steps(run)[:2] == [1, 2]  # the prior stage continued at step 2
     assert (run / STYLED3D_FILE).exists() and not (run / STATE_FILE).exists()
     assert not any((run / name).exists() for name in (LATENTS_FILE, STYLIZER_FILE, AUGMENTED_FILE))
@@ -233,6 +235,10 @@ def test_without_a_base_encoder_stage_4_starts_fresh_and_the_style_ships_none(ba
 def test_exemplar_count_study_trains_each_count_and_writes_the_table(bases, tmp_path):
     root, out = tmp_path / "study", tmp_path / "style"
     args = _args(bases, root, "--exemplar-counts", "3,2", "--minutes", "5", "--export", str(out))
+    assert main([*args, "--stop-after", "transfer"]) == 0  # the first count stops before stage 4
+    assert json.loads((root / "n2" / MARKER_FILE).read_text())["completed"] == list(STAGES[:3])
+    assert json.loads((root / "n3" / MARKER_FILE).read_text())["completed"] == []
+    assert not (root / "n2_style").exists() and not out.exists()
     assert main(args) == 0
     subsets = [json.loads((root / f"n{count}" / MARKER_FILE).read_text())["exemplars"] for count in (2, 3)]
     assert len(subsets[0]) == 2 and len(subsets[1]) == 3 and set(subsets[0]) < set(subsets[1])

@@ -820,6 +820,10 @@ def run_study(args: argparse.Namespace, parser: argparse.ArgumentParser, deadlin
     if study_path.exists():
         study = json.loads(study_path.read_text())
         print(f"resuming the study {root} (style {study['name']!r}, counts {study['counts']})", flush=True)
+        for count in study["counts"]:
+            done = "exported" if (root / f"n{count}_style" / CARD_FILE).exists() else "not exported"
+            completed = _read_marker(root / f"n{count}")["completed"]
+            print(f"  n{count}: completed {', '.join(completed) or 'none'}; {done}", flush=True)
     else:
         _require_start_options(args, parser)
         counts = sorted({int(count) for count in args.exemplar_counts.split(",")})
@@ -835,11 +839,14 @@ def run_study(args: argparse.Namespace, parser: argparse.ArgumentParser, deadlin
         study = {"name": args.name, "counts": counts}
         study_path.write_text(json.dumps(study, indent=1))
     counts = study["counts"]
+    stages = STAGES[:STAGES.index(args.stop_after) + 1]
     for count in counts:
         run, style = root / f"n{count}", root / f"n{count}_style"
         marker = _read_marker(run)
         if not (style / CARD_FILE).exists():
-            if args.minutes <= 0 or not run_stages(run, marker, STAGES, deadline, device, args.log_every):
+            if args.minutes <= 0 or not run_stages(run, marker, stages, deadline, device, args.log_every):
+                break
+            if "encoder" not in marker["completed"]:  # --stop-after an earlier stage
                 break
             export_style(run, marker, style, args.base3d_name, device)
         if count != counts[-1]:  # the study keeps only the exported deltas of the smaller counts
@@ -899,6 +906,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=9.0, help="wall-clock budget of this call")
     parser.add_argument("--reserve-s", type=float, default=45.0, help="stop this long before the budget")
     parser.add_argument("--stage", default="all", choices=("all", *STAGES))
+    parser.add_argument("--stop-after", default=STAGES[-1], choices=STAGES,
+                        help="end this call once this stage is done (e.g. transfer: stage 4 needs the identity"
+                             " network carried)")
     parser.add_argument("--export", help="write the style (deltas, evaluation, model card) here once the 3D stage"
                                          " is done; with --exemplar-counts once the study is done")
     parser.add_argument("--exemplar-counts", help="run the exemplar-count study instead, e.g. 5,10,20")
@@ -924,7 +934,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"resuming {run} (style {marker['name']!r}; completed: {marker['completed'] or 'none'})", flush=True)
 
-    stages = STAGES if args.stage == "all" else (args.stage,)
+    stages = STAGES[:STAGES.index(args.stop_after) + 1] if args.stage == "all" else (args.stage,)
     missing = [s for s in STAGES[:STAGES.index(stages[0])] if s not in marker["completed"]]
     if missing:
         parser.error(f"stage {stages[0]!r} needs the earlier stages {missing}")
