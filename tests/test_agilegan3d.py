@@ -252,7 +252,9 @@ def test_exemplar_count_study_trains_each_count_and_writes_the_table(bases, tmp_
     card = (out / "README.md").read_text()
     assert "## Exemplar-count study" in card and table.strip() in card
     assert json.loads((out / "config.json").read_text())["training"]["exemplars"] == subsets[1]
-    assert main(args) == 0  # a finished study only rewrites its table
+    resume = ["--run", str(root), "--minutes", "0", "--export", str(tmp_path / "again")]
+    assert main(resume) == 0  # a finished study folder is resumed as one: it only rewrites its table and export
+    assert (tmp_path / "again" / "README.md").read_text() == card
 
 
 class _CropArchive:

@@ -1,7 +1,7 @@
 """AgileGAN3D (arXiv 2303.14297): few-shot 3D portrait stylization by augmented transfer learning, as one CLI.
 
-    python -m training.agilegan3d --exemplars DIR --name STYLE --data datasets/faces/faces128.npz \
-        --base2d weights/stylegan2_faces128 --base3d weights/head3d_faces128 --run runs/agile_STYLE --minutes 9 \
+    python -m training.agilegan3d --exemplars DIR --name STYLE --run runs/agile_STYLE --minutes 9 \
+        [--data datasets/faces/faces128.npz] [--base2d weights/stylegan2_faces128] [--base3d weights/head3d_faces128] \
         [--base-encoder DIR] [--export weights/agile_STYLE] [--exemplar-counts 5,10,20]
 
 Stages (each resumable inside the flat run folder; every call continues where the last one stopped):
@@ -31,8 +31,8 @@ stage 4 is done, the stylized encoder as the style's `encoder` part, a delta ove
 the exported style on the held-out photos (`training.eval_agilegan3d`) and writes the model card, naming the
 exemplars' origin and licence (`--exemplar-origin/--exemplar-licence`, else the exemplar folder's SOURCE.md).
 
-`--exemplar-counts 5,10,20` runs the exemplar-count study instead: `--run` becomes a study folder holding one run
-per count (`n5`, `n10`, ... on nested seeded random subsets of the exemplar folder, sharing one `photos.npz`); each
+`--exemplar-counts 5,10,20` starts the exemplar-count study instead: `--run` becomes a study folder (resumed as such
+by later calls, with or without the option) holding one run per count (`n5`, `n10`, ... on nested seeded random subsets of the exemplar folder, sharing one `photos.npz`); each
 finished run is exported (`n5_style`, ...) and evaluated, and the table of all counts goes to `study.md` and, with
 `--export`, into the model card of the largest count's style, which is exported there.
 """
@@ -92,6 +92,7 @@ BASE3D_NAME = "head3d-faces128"
 BASE_ENCODER_NAME = "head3d-encoder-faces128"
 ENCODER_PART = "encoder"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+DEFAULT_DATA = "datasets/faces/faces128.npz"
 
 
 @dataclass
@@ -844,9 +845,9 @@ def run_study(args: argparse.Namespace, parser: argparse.ArgumentParser, deadlin
         run, style = root / f"n{count}", root / f"n{count}_style"
         marker = _read_marker(run)
         if not (style / CARD_FILE).exists():
-            if args.minutes <= 0 or not run_stages(run, marker, stages, deadline, device, args.log_every):
-                break
-            if "encoder" not in marker["completed"]:  # --stop-after an earlier stage
+            if args.minutes > 0:
+                run_stages(run, marker, stages, deadline, device, args.log_every)
+            if "encoder" not in marker["completed"]:  # deadline, or --stop-after an earlier stage
                 break
             export_style(run, marker, style, args.base3d_name, device)
         if count != counts[-1]:  # the study keeps only the exported deltas of the smaller counts
@@ -884,16 +885,18 @@ def study_table(root: Path, counts: list[int]) -> str:
 
 
 def _require_start_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    if not (args.exemplars and args.name and args.data):
-        parser.error("--exemplars, --name and --data are required to start a run")
+    if not (args.exemplars and args.name):
+        parser.error("--exemplars and --name are required to start a run")
+    if not Path(args.data).is_file():
+        parser.error(f"--data {args.data} not found: a run starts by copying photos with cameras out of it")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--exemplars", help="folder of ~20 style exemplar images (needed to start a run)")
     parser.add_argument("--name", help="style name (needed to start a run)")
-    parser.add_argument("--data", help="face archive with camera labels: real photos of stage 4 and held-out photos"
-                                       " of the evaluation are copied from it when a run starts (needed then)")
+    parser.add_argument("--data", default=DEFAULT_DATA, help="face archive with camera labels: real photos of stage 4"
+                        " and held-out photos of the evaluation are copied from it when a run starts")
     parser.add_argument("--base2d", default="weights/stylegan2_faces128", help="bundled 2D StyleGAN2 folder")
     parser.add_argument("--base3d", default="weights/head3d_faces128", help="bundled 3D generator folder")
     parser.add_argument("--base3d-name", default=BASE3D_NAME, help="registry name of --base3d (stored in the delta)")
@@ -911,7 +914,8 @@ def main(argv: list[str] | None = None) -> int:
                              " network carried)")
     parser.add_argument("--export", help="write the style (deltas, evaluation, model card) here once the 3D stage"
                                          " is done; with --exemplar-counts once the study is done")
-    parser.add_argument("--exemplar-counts", help="run the exemplar-count study instead, e.g. 5,10,20")
+    parser.add_argument("--exemplar-counts", help="start the exemplar-count study instead, e.g. 5,10,20 (a study"
+                                                  " folder is resumed without it)")
     parser.add_argument("--tiny", action="store_true", help="tiny recipe (1-2 steps per stage) for tests")
     parser.add_argument("--aligned", action="store_true", help="exemplars are aligned face crops already")
     parser.add_argument("--exemplar-origin", help="where the exemplars come from (model card)")
@@ -922,7 +926,7 @@ def main(argv: list[str] | None = None) -> int:
 
     device = torch.device(args.device)
     deadline = Deadline(max(args.minutes * 60, args.reserve_s + 1), args.reserve_s)
-    if args.exemplar_counts:
+    if args.exemplar_counts or (Path(args.run) / STUDY_FILE).exists():
         return run_study(args, parser, deadline, device)
     run = Path(args.run)
     marker = _read_marker(run)
