@@ -39,7 +39,9 @@ FACE3DMM_LABEL_DIM = 136  # the dataset's normalised ICT-FaceKit vector (weights
 LD_STYLES = 3  # issue 9: at least three likelihood-distillation styles
 AGILE_STYLES = 2  # issue 10: at least two AgileGAN3D styles
 LD_RANK = 8  # training.stylize_head3d default delta rank
-AGILE_RANK = 4  # training.agilegan3d default delta rank
+AGILE_RANK = 4  # training.agilegan3d default delta rank of the generator
+AGILE_ENCODER_RANK = 8  # ... and of the style's own encoder, whose tuned modules are:
+AGILE_ENCODER_PREFIXES = ("laterals.", "heads.", "camera_offset.")
 LD_TRAINED_PREFIXES = ("backbone.synthesis.", "superresolution.")  # what the paper fine-tunes
 
 
@@ -74,10 +76,14 @@ def style_delta_bytes(base: torch.nn.Module, rank: int, prefixes: tuple[str, ...
     """Bytes of a rank-`rank` style delta when every fine-tuned float tensor of `base` changed."""
     generator = torch.Generator().manual_seed(0)
     tuned = copy.deepcopy(base)
+    changed = 0
     with torch.no_grad():
         for name, tensor in tuned.state_dict().items():
             if tensor.is_floating_point() and (prefixes is None or name.startswith(prefixes)):
                 tensor.add_(torch.randn(tensor.shape, generator=generator) * 0.01)
+                changed += 1
+    if not changed:
+        raise ValueError(f"no tensor of {type(base).__name__} starts with {prefixes}")
     delta = make_style_delta(base, tuned, "base", rank=rank)
     return len(save({k: v.to(torch.float16).contiguous() for k, v in delta.tensors().items()}))
 
@@ -110,7 +116,8 @@ def planned_models() -> list[PlannedModel]:
     plans.append(PlannedModel("head3d-style-* (likelihood distillation)", LD_STYLES,
                               style_delta_bytes(g3d, LD_RANK, LD_TRAINED_PREFIXES), None))
     plans.append(PlannedModel("agilegan3d-* (generator + encoder deltas)", AGILE_STYLES,
-                              style_delta_bytes(g3d, AGILE_RANK) + style_delta_bytes(encoder3d, AGILE_RANK), None))
+                              style_delta_bytes(g3d, AGILE_RANK)
+                              + style_delta_bytes(encoder3d, AGILE_ENCODER_RANK, AGILE_ENCODER_PREFIXES), None))
     return plans
 
 
