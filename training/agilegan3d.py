@@ -346,8 +346,7 @@ def run_prior_stage(run: Path, agile: AgileConfig, exemplars: str | Path, aligne
                                 agile.consistency_weight, device)
     trainer.load(run)
     if trainer.step_count < agile.prior_steps:
-        train(trainer, run, deadline, max_steps=agile.prior_steps - trainer.step_count,
-                        log_every=log_every)
+        train(trainer, run, deadline, max_steps=agile.prior_steps - trainer.step_count, log_every=log_every)
     if trainer.step_count < agile.prior_steps:
         return False
     _save_weights(trainer.G_ema, run / STYLIZER_FILE)
