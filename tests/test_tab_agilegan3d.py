@@ -4,72 +4,35 @@ and a style are trained, tiny random ones are registered in a temporary registry
 
 from __future__ import annotations
 
-import copy
-import json
-
 import gradio as gr
 import pytest
 import torch
 import trimesh
 from gradio_client import Client, handle_file
 from PIL import Image
-from safetensors.torch import load_file
 
 from core import weights as W
 from core.mesh import read_glb_asset_extras
-from core.nets import load_generator
-from core.nets.encoders import build_head3d_encoder
-from core.nets.style_delta import make_style_delta, save_style_delta
 from core.pipelines.head3d import Head3DPipeline
 from core.provenance import read_png_provenance
 from core.runtime import Runtime
 from tabs import agilegan3d, available_tabs
 from tabs.common import EXAMPLE_PHOTOS, MAX_UPLOAD_SIZE
-from tests.test_head3d import TINY
-from tests.test_head3d_encoder import TINY_ENCODER
-from tests.test_tab_stylize3d import _copy_identity, _register
-from training.train_head3d import Head3DTrainer
-from training.train_head3d_encoder import Head3DEncoderConfig, Head3DEncoderTrainer
+from tests.tiny_weights import AGILE_PLAIN_STYLE as PLAIN_STYLE  # generator delta only
+from tests.tiny_weights import AGILE_STYLE as STYLE  # ships its own encoder
+from tests.tiny_weights import (add_agilegan3d_styles, add_head3d_encoder, add_head3d_generator, add_identity,
+                                load_registry)
 
-STYLE = "agilegan3d-test"  # ships its own encoder
-PLAIN_STYLE = "agilegan3d-plain"  # generator delta only
 
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory) -> W.Registry:
-    torch.set_num_threads(2)
     folder = tmp_path_factory.mktemp("weights")
-    path = folder / "registry.json"
-    trainer = Head3DTrainer(TINY, None)
-    with torch.no_grad():  # a dense field, so that the official density level finds a surface
-        trainer.G_ema.decoder.net[-1].bias[0] += 20
-    trainer.export(folder / "head3d", None)
-    _register(folder / "head3d", agilegan3d.MODEL_NAME, path)
-    _copy_identity(folder / "identity")
-    _register(folder / "identity", agilegan3d.IDENTITY_NAME, path)
-    from core.beauty import load_identity_encoder
-
-    encoder = Head3DEncoderTrainer(Head3DEncoderConfig(encoder_overrides=TINY_ENCODER),
-                                   load_generator(folder / "head3d"), load_identity_encoder("identity-resnet"))
-    encoder.export(folder / "encoder")
-    _register(folder / "encoder", agilegan3d.ENCODER_NAME, path)
-    tuned = copy.deepcopy(trainer.G_ema)
-    with torch.no_grad():
-        for parameter in tuned.superresolution.parameters():
-            parameter.add_(0.2 * torch.randn_like(parameter))
-    generator_delta = make_style_delta(trainer.G_ema, tuned, agilegan3d.MODEL_NAME)
-    base_encoder = build_head3d_encoder(json.loads((folder / "encoder" / "config.json").read_text()),
-                                        load_file(folder / "encoder" / "model.safetensors"))
-    tuned_encoder = copy.deepcopy(base_encoder)
-    with torch.no_grad():
-        for parameter in tuned_encoder.heads.parameters():
-            parameter.add_(0.2 * torch.randn_like(parameter))
-    save_style_delta(generator_delta, folder / "style", extra_config={"method": "agilegan3d", "style": "test"},
-                     parts={"encoder": make_style_delta(base_encoder, tuned_encoder, agilegan3d.ENCODER_NAME)})
-    _register(folder / "style", STYLE, path)
-    save_style_delta(generator_delta, folder / "plain", extra_config={"method": "agilegan3d", "style": "plain"})
-    _register(folder / "plain", PLAIN_STYLE, path)
-    return W.Registry.load(path)
+    base = add_head3d_generator(folder)
+    add_identity(folder)
+    add_head3d_encoder(folder)
+    add_agilegan3d_styles(folder, base, STYLE, PLAIN_STYLE)
+    return load_registry(folder)
 
 
 @pytest.fixture(scope="module")

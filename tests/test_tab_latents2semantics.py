@@ -3,39 +3,26 @@ temporary registry until trained weights are bundled), returns PNGs with provena
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
-import torch
 from gradio_client import Client, handle_file
 from PIL import Image
-from safetensors.torch import save_file
 
 from app import build_demo
 from core import weights as W
-from core.nets.l2sae import L2SAE, L2SAEConfig
 from core.provenance import read_png_provenance
 from core.runtime import Runtime
 from tabs import available_tabs, latents2semantics
 from tabs.common import EXAMPLE_PHOTOS, MAX_UPLOAD_SIZE
-
-TINY = L2SAEConfig(resolution=32, structure_resolution=8, channels_per_region=2, style_dim=16, channel_base=256,
-                   channel_max=16, mask_channels=4)
+from tests.tiny_weights import add_l2sae, load_registry
 
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory) -> W.Registry:
     weights_dir = tmp_path_factory.mktemp("weights")
-    folder = weights_dir / "l2sae"
-    folder.mkdir()
-    torch.manual_seed(0)
-    model = L2SAE(TINY)
-    save_file({k: v.half() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps({"kind": "l2sae", "config": TINY.to_dict()}))
-    W.main(["register", str(folder), "--name", latents2semantics.MODEL_NAME, "--licence", "test",
-            "--registry", str(weights_dir / "registry.json")])
-    return W.Registry.load(weights_dir / "registry.json")
+    add_l2sae(weights_dir)
+    return load_registry(weights_dir)
 
 
 @pytest.fixture(scope="module")

@@ -4,42 +4,20 @@ delta of a perturbed copy are registered in a temporary registry (the real ident
 
 from __future__ import annotations
 
-import copy
-import shutil
-from pathlib import Path
-
 import gradio as gr
 import pytest
-import torch
 import trimesh
 from gradio_client import Client, handle_file
 
-from core import weights as W
 from core.mesh import read_glb_asset_extras
-from core.nets.style_delta import make_style_delta, save_style_delta
 from core.official import PANOHEAD
 from core.provenance import read_png_provenance
 from core.runtime import Runtime
 from tabs import stylize3d
 from tabs.common import EXAMPLE_PHOTOS, MAX_UPLOAD_SIZE
-from tests.test_head3d import TINY
-from tests.test_head3d_encoder import TINY_ENCODER
-from training.train_head3d import Head3DTrainer
-from training.train_head3d_encoder import Head3DEncoderConfig, Head3DEncoderTrainer
-
-STYLE = "head3d-faces128-style-test"
-
-
-def _copy_identity(folder: Path) -> None:
-    """The real identity network's files (bundled or converted from its package), copied into `folder`."""
-    folder.mkdir()
-    for name, path in W.default_registry().resolve("identity-resnet").paths.items():
-        shutil.copyfile(path, folder / name)
-
-
-def _register(folder: Path, name: str, registry: Path) -> None:
-    W.main(["register", str(folder), "--name", name, "--licence", "test", "--registry", str(registry)])
-
+from tests.tiny_weights import (STYLIZE3D_STYLE as STYLE, add_head3d_encoder, add_head3d_generator, add_identity,
+                                add_stylize3d_style, load_registry)
+from tests.tiny_weights import copy_identity as _copy_identity  # noqa: F401 (test_official_variants imports it here)
 
 def _launch(runtime: Runtime, tmp_path_factory):
     with gr.Blocks() as demo:
@@ -52,37 +30,17 @@ def _launch(runtime: Runtime, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def weights_dir(tmp_path_factory):
-    torch.set_num_threads(2)
     folder = tmp_path_factory.mktemp("weights")
-    registry = folder / "registry.json"
-    trainer = Head3DTrainer(TINY, None)
-    with torch.no_grad():  # a dense field, so that the official density level finds a surface
-        trainer.G_ema.decoder.net[-1].bias[0] += 20
-    trainer.export(folder / "head3d", None)
-    _register(folder / "head3d", stylize3d.MODEL_NAME, registry)
-    _copy_identity(folder / "identity")
-    _register(folder / "identity", stylize3d.IDENTITY_NAME, registry)
-    tuned = copy.deepcopy(trainer.G_ema)
-    with torch.no_grad():
-        for parameter in tuned.backbone.synthesis.parameters():
-            parameter.add_(0.2 * torch.randn_like(parameter))
-    save_style_delta(make_style_delta(trainer.G_ema, tuned, stylize3d.MODEL_NAME), folder / "style",
-                     extra_config={"method": "stylize3d"})
-    _register(folder / "style", STYLE, registry)
+    base = add_head3d_generator(folder)
+    add_identity(folder)
+    add_stylize3d_style(folder, base)
     return folder
 
 
 @pytest.fixture(scope="module")
 def client(weights_dir, tmp_path_factory):
-    registry = weights_dir / "registry.json"
-    from core.beauty import load_identity_encoder
-    from core.nets import load_generator
-
-    encoder = Head3DEncoderTrainer(Head3DEncoderConfig(encoder_overrides=TINY_ENCODER),
-                                   load_generator(weights_dir / "head3d"), load_identity_encoder("identity-resnet"))
-    encoder.export(weights_dir / "encoder")
-    _register(weights_dir / "encoder", stylize3d.ENCODER_NAME, registry)
-    demo, client = _launch(Runtime("cpu", registry=W.Registry.load(registry)), tmp_path_factory)
+    add_head3d_encoder(weights_dir)
+    demo, client = _launch(Runtime("cpu", registry=load_registry(weights_dir)), tmp_path_factory)
     yield client
     demo.close()
 
@@ -137,7 +95,7 @@ def test_official_panohead_is_listed_with_instructions_until_registered(client):
 
 
 def test_without_styles_only_original_with_a_note(weights_dir, tmp_path_factory):
-    registry = W.Registry.load(weights_dir / "registry.json")
+    registry = load_registry(weights_dir)
     registry._entries.pop(STYLE)
     registry._entries.pop(stylize3d.ENCODER_NAME, None)
     assert stylize3d.available_styles(registry) == []

@@ -4,45 +4,26 @@ random generators are registered in a temporary registry."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
-import torch
 import trimesh
 from gradio_client import Client, handle_file
 from PIL import Image
-from safetensors.torch import save_file
 
 from app import build_demo
-from core import weights as W
-from core.face3dmm import EXPRESSION_NAMES, FaceParams, load_face_model
+from core.face3dmm import EXPRESSION_NAMES
 from core.mesh import read_glb_asset_extras
-from core.nets.stylegan2 import Generator
 from core.pipelines.taxfree import CURATED_EXPRESSIONS, VARIANTS
 from core.provenance import read_png_provenance
 from core.runtime import Runtime
 from tabs.common import EXAMPLE_PHOTOS, MAX_UPLOAD_SIZE
+from tests.tiny_weights import add_taxfree, load_registry
 
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
     weights_dir = tmp_path_factory.mktemp("weights")
-    face_model = load_face_model()
-    size = FaceParams.vector_size(face_model.num_identity)
-    init_kwargs = dict(z_dim=8, c_dim=size, w_dim=8, img_resolution=16, img_channels=3,
-                       mapping_kwargs={"num_layers": 2}, synthesis_kwargs={"channel_base": 128, "channel_max": 8})
-    for index, name in enumerate(VARIANTS.values()):
-        torch.manual_seed(index)
-        folder = weights_dir / name
-        folder.mkdir()
-        save_file({k: v.half() for k, v in Generator(**init_kwargs).state_dict().items()},
-                  str(folder / "model.safetensors"))
-        conditioning = {"mean": FaceParams.neutral(face_model.num_identity).to_vector().tolist(), "std": [1.0] * size}
-        (folder / "config.json").write_text(json.dumps({"kind": "stylegan2", "init_kwargs": init_kwargs,
-                                                        "conditioning": conditioning}))
-        W.main(["register", str(folder), "--name", name, "--licence", "test",
-                "--registry", str(weights_dir / "registry.json")])
-    demo = build_demo(Runtime("cpu", registry=W.Registry.load(weights_dir / "registry.json"))).queue(max_size=4)
+    add_taxfree(weights_dir)
+    demo = build_demo(Runtime("cpu", registry=load_registry(weights_dir))).queue(max_size=4)
     _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, max_file_size=MAX_UPLOAD_SIZE)
     yield Client(url, verbose=False, download_files=str(tmp_path_factory.mktemp("downloads")))
     demo.close()
