@@ -43,7 +43,7 @@ def create_tab(runtime: Runtime) -> None:
         with gr.Column():
             source = gr.Radio(list(SOURCES), value=SOURCES[0], label="Start from")
             photo = photo_input("Face photo")
-            example_photos(photo)
+            examples = example_photos(photo)
             with gr.Row():
                 seed = gr.Slider(0, MAX_SEED, value=0, step=1, label="Seed (random face and CMA-ES)")
                 randomize = gr.Checkbox(value=False, label="Randomize seed")
@@ -94,6 +94,8 @@ def create_tab(runtime: Runtime) -> None:
         )
         return input_png, reconstruction_png, optimized_png, _scores_markdown(result), history
 
+    source.change(lambda name: [gr.update(visible=name == SOURCES[0])] * 2, source, [photo, examples], queue=False,
+                  api_visibility="private")  # a random face needs no photo
     run.click(randomize_seed, [seed, randomize], seed, queue=False, api_visibility="private").then(
         optimize,
         [source, photo, seed, budget, population, identity_weight, strength],
