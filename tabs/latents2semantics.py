@@ -42,7 +42,7 @@ def create_tab(runtime: Runtime) -> None:
             variants = gr.Slider(1, MAX_VARIANTS, value=4, step=1, label="Variants (random style)")
             run = gr.Button("Edit region", variant="primary")
         with gr.Column():
-            edited = gr.Gallery(label="Edited", columns=2, format="png", height=420)
+            edited = gr.Gallery(label="Edited", columns=4, format="png", height=320)
             with gr.Row():
                 overlay = gr.Image(label="Predicted region", format="png", height=200)
                 reconstruction = gr.Image(label="Autoencoder reconstruction", format="png", height=200)
