@@ -31,10 +31,13 @@ def system_info(runtime: Runtime, available_tabs: set[str]) -> dict[str, Any]:
 
 
 def _methods_markdown(available_tabs: set[str]) -> str:
-    lines = ["| Method | Paper | Tab |", "|---|---|---|"]
+    # The tab's state goes in the method's cell: a column of its own holding one word is squeezed by the table layout
+    # until the word breaks ("availa-ble"; Gradio's prose tables wrap anywhere).
+    lines = ["| Method | Paper |", "|---|---|"]
     for m in METHODS:
         status = "available" if m.key in available_tabs else "not yet available (weights in training)"
-        lines.append(f"| **{m.title}**<br>{m.summary} | [{m.paper}]({m.paper_url}) (arXiv {m.arxiv}) | {status} |")
+        lines.append(f"| **{m.title}**<br>{m.summary}<br>*Tab: {status}* | [{m.paper}]({m.paper_url}) "
+                     f"(arXiv {m.arxiv}) |")
     return "\n".join(lines)
 
 
