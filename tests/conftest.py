@@ -36,3 +36,22 @@ def app_client(tmp_path_factory):
     yield client
     client.close()
     demo.close()
+
+
+@pytest.fixture(scope="session")
+def all_tabs_url(tmp_path_factory):
+    """The whole app launched on one temporary registry of tiny random models for every method tab (beauty through
+    `tests.tiny_weights.patch_beauty`), so that all five method tabs and About show; yields its URL."""
+    from app import build_demo
+    from core.runtime import Runtime
+    from tabs.common import EXAMPLES_DIR, MAX_UPLOAD_SIZE
+    from tests.tiny_weights import all_tabs_registry, patch_beauty
+
+    registry = all_tabs_registry(tmp_path_factory.mktemp("all-tabs-weights"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch_beauty(patch)
+        demo = build_demo(Runtime("cpu", registry=registry)).queue(max_size=8)
+        _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True,
+                                max_file_size=MAX_UPLOAD_SIZE, allowed_paths=[str(EXAMPLES_DIR)])
+        yield url
+        demo.close()
