@@ -38,10 +38,11 @@ def app_client(tmp_path_factory):
     demo.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def all_tabs_url(tmp_path_factory):
     """The whole app launched on one temporary registry of tiny random models for every method tab (beauty through
-    `tests.tiny_weights.patch_beauty`), so that all five method tabs and About show; yields its URL."""
+    `tests.tiny_weights.patch_beauty`), so that all five method tabs and About show; yields its URL. Module-scoped:
+    the beauty patch must not outlive the module that uses the app."""
     from app import build_demo
     from core.runtime import Runtime
     from tabs.common import EXAMPLES_DIR, MAX_UPLOAD_SIZE
