@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from core import weights as W
@@ -28,6 +27,7 @@ from core.pipelines import head3d, latents2semantics, taxfree
 from core.pipelines.beauty import BeautyOptimizer, OptimizerSettings
 from core.runtime import Runtime
 from tabs import beauty
+from tests.test_beauty_pipeline import TINY_GENERATOR, PooledIdentity
 from tests.test_head3d import TINY as TINY_HEAD3D
 from tests.test_head3d_encoder import TINY_ENCODER
 
@@ -39,8 +39,7 @@ AGILE_PLAIN_STYLE = "agilegan3d-plain"  # generator delta only
 
 
 def _tiny_stylegan2_kwargs(c_dim: int) -> dict:
-    return dict(z_dim=8, c_dim=c_dim, w_dim=8, img_resolution=16, img_channels=3, mapping_kwargs={"num_layers": 2},
-                synthesis_kwargs={"channel_base": 128, "channel_max": 8})
+    return {**TINY_GENERATOR, "c_dim": c_dim}
 
 
 def registry_path(weights_dir: Path) -> Path:
@@ -166,17 +165,11 @@ class MeanBrightness(torch.nn.Module):
         return 5.5 + 4.5 * images.mean(dim=(1, 2, 3))
 
 
-class PooledIdentity(torch.nn.Module):
-    def embed_aligned(self, images: torch.Tensor) -> torch.Tensor:
-        return F.normalize(F.adaptive_avg_pool2d(images, 4).flatten(1), dim=1)
-
-
 def tiny_beauty_pipeline(runtime: Runtime) -> BeautyOptimizer:
     """The beauty optimizer on a tiny random generator and encoder, a brightness scorer and a pooled identity."""
     torch.manual_seed(0)
     generator = Generator(**_tiny_stylegan2_kwargs(0))
-    encoder = StyleEncoder(style_encoder_config(generator.num_ws, generator.w_dim, 16, channels=[8, 8, 8],
-                                                pyramid_channels=8, head_channels=4, head_grid=2, head_hidden=8))
+    encoder = StyleEncoder(style_encoder_config(generator.num_ws, generator.w_dim, 16, **TINY_ENCODER))
     return BeautyOptimizer(generator.eval(), encoder.eval(), MeanBrightness(), MeanBrightness(), PooledIdentity(),
                            runtime=runtime, settings=OptimizerSettings(directions=3, batch_size=8),
                            model_names={"generator": "tiny-generator"})
