@@ -24,6 +24,15 @@ DESCRIPTION = (
     "Models run in float16 on a GPU and float32 on a CPU. For research and qualitative checks only."
 )
 QUEUE_MAX_SIZE = int(os.environ.get("FACE_SUITE_QUEUE_SIZE", "20"))
+# Example-photo strips (`tabs.common.example_photos`): every thumbnail in one row however narrow the column (Gradio's
+# gallery cells are at least 100 px wide, so six overflowed a half-width column), below the strip's label.
+CSS = """
+.example-strip .grid-wrap { padding-top: var(--size-8) !important; overflow: hidden !important; }
+.example-strip .grid-container { grid-template-columns: repeat(var(--grid-cols), minmax(0, 1fr)) !important;
+  grid-template-rows: none !important; grid-auto-rows: auto !important; gap: var(--spacing-sm) !important; }
+"""
+# How the app is served; tests launch it with the same options.
+LAUNCH_OPTIONS = {"max_file_size": MAX_UPLOAD_SIZE, "allowed_paths": [str(EXAMPLES_DIR)], "css": CSS}
 
 
 def build_demo(runtime: Runtime) -> gr.Blocks:
@@ -44,6 +53,4 @@ def build_demo(runtime: Runtime) -> gr.Blocks:
 
 
 if __name__ == "__main__":
-    build_demo(Runtime()).queue(max_size=QUEUE_MAX_SIZE).launch(
-        max_file_size=MAX_UPLOAD_SIZE, allowed_paths=[str(EXAMPLES_DIR)]  # example photos, whatever the cwd
-    )
+    build_demo(Runtime()).queue(max_size=QUEUE_MAX_SIZE).launch(**LAUNCH_OPTIONS)

@@ -31,8 +31,8 @@ def photo_input(label: str = "Face photo", visible: bool = True) -> gr.File:
 
 def example_photos(target: gr.File, label: str = "Example photos (Unsplash, via MEBeauty): click one") -> gr.Gallery:
     """Thumbnails of the example photos; clicking one puts it into `target`."""
-    gallery = gr.Gallery(EXAMPLE_PHOTOS, label=label, columns=len(EXAMPLE_PHOTOS), rows=1, height=120,
-                         allow_preview=False, buttons=[])
+    gallery = gr.Gallery(EXAMPLE_PHOTOS, label=label, columns=len(EXAMPLE_PHOTOS), rows=1, height=130,
+                         allow_preview=False, buttons=[], elem_classes=["example-strip"])  # app.CSS lays it out
 
     def pick(event: gr.SelectData) -> str:
         return EXAMPLE_PHOTOS[event.index]

@@ -24,14 +24,11 @@ def app_client(tmp_path_factory):
     """The launched app (CPU, bundled weights) and a gradio_client connected to it; one launch per session."""
     from gradio_client import Client
 
-    from app import build_demo
+    from app import LAUNCH_OPTIONS, build_demo
     from core.runtime import Runtime
 
-    from tabs.common import MAX_UPLOAD_SIZE
-
     demo = build_demo(Runtime("cpu")).queue(max_size=8)
-    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True,
-                            max_file_size=MAX_UPLOAD_SIZE)
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True, **LAUNCH_OPTIONS)
     client = Client(url, download_files=str(tmp_path_factory.mktemp("downloads")), verbose=False)
     yield client
     client.close()
@@ -43,16 +40,14 @@ def all_tabs_url(tmp_path_factory):
     """The whole app launched on one temporary registry of tiny random models for every method tab (beauty through
     `tests.tiny_weights.patch_beauty`), so that all five method tabs and About show; yields its URL. Module-scoped:
     the beauty patch must not outlive the module that uses the app."""
-    from app import build_demo
+    from app import LAUNCH_OPTIONS, build_demo
     from core.runtime import Runtime
-    from tabs.common import EXAMPLES_DIR, MAX_UPLOAD_SIZE
     from tests.tiny_weights import all_tabs_registry, patch_beauty
 
     registry = all_tabs_registry(tmp_path_factory.mktemp("all-tabs-weights"))
     with pytest.MonkeyPatch.context() as patch:
         patch_beauty(patch)
         demo = build_demo(Runtime("cpu", registry=registry)).queue(max_size=8)
-        _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True,
-                                max_file_size=MAX_UPLOAD_SIZE, allowed_paths=[str(EXAMPLES_DIR)])
+        _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True, **LAUNCH_OPTIONS)
         yield url
         demo.close()

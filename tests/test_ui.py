@@ -103,7 +103,15 @@ def _pick_example(panel, label: str = "Example photos (Unsplash, via MEBeauty): 
     """Click an example thumbnail, then wait until the photo field holds it."""
     from tabs.common import EXAMPLE_PHOTOS
 
-    _block(panel, label).locator("img").nth(index).click()
+    strip = _block(panel, label)
+    box, label_box = strip.bounding_box(), strip.locator("[data-testid=block-label]").first.bounding_box()
+    thumbnails = strip.locator("img")
+    assert thumbnails.count() == len(EXAMPLE_PHOTOS)
+    for i in range(thumbnails.count()):  # all in view: none cut off at the side or under the strip's label
+        image = thumbnails.nth(i).bounding_box()
+        assert box["x"] - 1 <= image["x"] and image["x"] + image["width"] <= box["x"] + box["width"] + 1, i
+        assert image["y"] >= label_box["y"] + label_box["height"] - 1 and image["height"] >= 40, i
+    thumbnails.nth(index).click()
     _block(panel, photo).get_by_text(Path(EXAMPLE_PHOTOS[index]).stem[:12]).first.wait_for(timeout=15_000)
 
 
