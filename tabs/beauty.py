@@ -16,6 +16,10 @@ MODELS = {"generator": "stylegan2-faces128", "encoder": "style-encoder-faces128"
           "evaluator": "beauty-evaluator", "identity": "identity-resnet"}
 REQUIRED_MODELS = tuple(MODELS.values())
 SOURCES = ("photo", "random face (seed)")
+BEST_SERIES = "best candidate"
+MEAN_SERIES = "population mean"
+PLOT_CAPTION = ("Best candidate: the generation's best by the objective (beauty minus the identity and distance "
+                "penalties), so its beauty score can dip where keeping the person costs beauty.")
 INTRO = (
     "Invert a face into a StyleGAN, then let CMA-ES move its latent along the main directions of the latent space to "
     "raise a learned beauty score while an identity penalty keeps the person recognisable "
@@ -60,8 +64,8 @@ def create_tab(runtime: Runtime) -> None:
                 reconstruction = gr.Image(label="GAN reconstruction", format="png", height=220)
                 optimized = gr.Image(label="Optimized", format="png", height=220)
             scores = gr.Markdown()
-            plot = gr.LinePlot(x="generation", y="score", color="series", title="Score per generation",
-                               height=260)
+            plot = gr.LinePlot(x="generation", y="score", color="series", title="Beauty score per generation",
+                               color_title="", height=260, caption=PLOT_CAPTION)
 
     def optimize(source_name, photo_path, seed_value, budget_value, population_value, identity_value, strength_value,
                  progress=gr.Progress()):
@@ -88,8 +92,8 @@ def create_tab(runtime: Runtime) -> None:
         input_png, reconstruction_png, optimized_png = save_pngs(
             [result.input_image, result.reconstruction, result.optimized], result.provenance, "beauty")
         history = pd.DataFrame(
-            [{"generation": r.generation, "score": r.best_score, "series": "best"} for r in result.history]
-            + [{"generation": r.generation, "score": r.mean_score, "series": "population mean"}
+            [{"generation": r.generation, "score": r.best_score, "series": BEST_SERIES} for r in result.history]
+            + [{"generation": r.generation, "score": r.mean_score, "series": MEAN_SERIES}
                for r in result.history]
         )
         return input_png, reconstruction_png, optimized_png, _scores_markdown(result), history

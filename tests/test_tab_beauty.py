@@ -11,6 +11,7 @@ from PIL import Image
 from app import build_demo
 from core.provenance import read_png_provenance
 from core.runtime import Runtime
+from tabs import beauty
 from tabs.common import EXAMPLE_PHOTOS, MAX_UPLOAD_SIZE
 from tests.tiny_weights import add_beauty_placeholders, load_registry, patch_beauty
 
@@ -36,8 +37,11 @@ def test_photo_optimization_returns_images_scores_and_history(client):
     assert record["method"].startswith("Regression-guided") and record["seed"] == 3
     assert record["parameters"]["budget"] == 4 and record["parameters"]["photo"] is True
     assert "independent evaluator" in scores and "identity similarity" in scores
-    rows = plot["value"]["data"] if isinstance(plot, dict) and "value" in plot else plot["data"]
+    table = plot["value"] if isinstance(plot, dict) and "value" in plot else plot
+    rows = table["data"]
     assert len(rows) == 2 * 4  # best and mean for each of the 4 generations
+    series = [row[table["columns"].index("series")] for row in rows]
+    assert sorted(set(series)) == sorted({beauty.BEST_SERIES, beauty.MEAN_SERIES})
 
 
 def test_seed_source_needs_no_photo_and_bad_values_are_refused(client):
