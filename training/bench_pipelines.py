@@ -169,11 +169,14 @@ def random_weights_registry(folder: Path, scale: Scale, base: Registry | None = 
     encoder3d = Head3DEncoder(head3d_encoder_config(g3d.backbone.num_ws, g3d.w_dim, head.resolution,
                                                     **scale.encoder_overrides))
     _export(entries, folder / "head3d_encoder", head3d.ENCODER_NAME, encoder3d, encoder3d.config)
-    styles = ((LD_STYLE, "stylize3d", LD_RANK, LD_TRAINED_PREFIXES), (AGILE_STYLE, "agilegan3d", AGILE_RANK, None))
-    for name, method, rank, prefixes in styles:
-        save_style_delta(random_style_delta(g3d, head3d.MODEL_NAME, rank, prefixes), folder / name,
-                         extra_config={"method": method, "style": "random"})
-        _register(entries, folder / name, name)
+    save_style_delta(random_style_delta(g3d, head3d.MODEL_NAME, LD_RANK, LD_TRAINED_PREFIXES), folder / LD_STYLE,
+                     extra_config={"method": "stylize3d", "style": "random"})
+    _register(entries, folder / LD_STYLE, LD_STYLE)
+    # an AgileGAN3D style ships its stylized photo encoder as a delta over the base encoder (training.agilegan3d)
+    save_style_delta(random_style_delta(g3d, head3d.MODEL_NAME, AGILE_RANK), folder / AGILE_STYLE,
+                     extra_config={"method": "agilegan3d", "style": "random"},
+                     parts={"encoder": random_style_delta(encoder3d, head3d.ENCODER_NAME, AGILE_RANK)})
+    _register(entries, folder / AGILE_STYLE, AGILE_STYLE)
     return Registry(entries, base.weights_dir)
 
 
@@ -475,7 +478,8 @@ def _agile_tab(ctx: Context):
 
 def _agile_notes(result) -> str:
     glb = f"; GLB {result.mesh_faces} faces" if result.glb_path else ""
-    return (f"photo inverted by the 3D encoder + {result.inversion.refine_steps} refinement steps; "
+    encoder = result.provenance.parameters.get("encoder", "base")
+    return (f"photo inverted by the {encoder} 3D encoder + {result.inversion.refine_steps} refinement steps; "
             f"{len(result.views)} stylized views; {_timings(result.timings)}{glb}")
 
 
@@ -512,7 +516,7 @@ def measurements(scale: Scale) -> list[Measurement]:
                     _stylize_notes),
         Measurement(9, "stylize3d", f"tab default call: from_pretrained, {tab_views} views x 2, identity, stylized "
                     f"{glb}", "", None, _stylize(scale.tab_views, mesh=True, tab=True), _stylize_notes),
-        Measurement(10, "agilegan3d", f"tab default call from a photo: encoder, {scale.refine_steps} refinement "
+        Measurement(10, "agilegan3d", f"tab default call from a photo: the style's encoder, {scale.refine_steps} refinement "
                     f"steps, {tab_views} stylized views, {glb}", "", None, _agile_tab, _agile_notes),
     ]
 
