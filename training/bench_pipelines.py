@@ -516,8 +516,8 @@ def measurements(scale: Scale) -> list[Measurement]:
                     _stylize_notes),
         Measurement(9, "stylize3d", f"tab default call: from_pretrained, {tab_views} views x 2, identity, stylized "
                     f"{glb}", "", None, _stylize(scale.tab_views, mesh=True, tab=True), _stylize_notes),
-        Measurement(10, "agilegan3d", f"tab default call from a photo: the style's encoder, {scale.refine_steps} refinement "
-                    f"steps, {tab_views} stylized views, {glb}", "", None, _agile_tab, _agile_notes),
+        Measurement(10, "agilegan3d", f"tab default call from a photo: the style's encoder, {scale.refine_steps} "
+                    f"refinement steps, {tab_views} stylized views, {glb}", "", None, _agile_tab, _agile_notes),
     ]
 
 
