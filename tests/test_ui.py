@@ -165,7 +165,7 @@ TAB_CHECKS = (
              galleries={"Original": 5, "Stylized": 5}, viewers=("Stylized head (GLB)",),
              also_visible=("Original vs stylized",)),
     TabCheck("Beauty optimization", _act_beauty, "candidates scored in",
-             images=("Input (aligned)", "GAN reconstruction", "Optimized"), also_visible=("Score per generation",)),
+             images=("Input (aligned)", "GAN reconstruction", "Optimized"), also_visible=("Beauty score per generation",)),
     TabCheck("Few-shot 3D portraits", _act_agile, f"Style {AGILE_STYLE}",
              images=("Input (aligned)", "3D inversion (frontal)"), galleries={"Stylized portrait": 5},
              viewers=("Stylized head (GLB)",)),
