@@ -19,7 +19,10 @@ from torch import nn
 from core.weights import Registry, default_registry
 
 T = TypeVar("T")
-DEFAULT_MAX_RESIDENT_MODELS = 4
+# The beauty tab alone uses 5 models (generator, encoder, identity, scorer, evaluator); the 3D tabs add their
+# generator, photo encoder and one style (the identity network is shared): 8 keeps them all resident, so
+# neither a call nor a switch between these tabs reloads weights (the bundled 128-px models are small).
+DEFAULT_MAX_RESIDENT_MODELS = 8
 
 
 class NonFiniteOutputError(RuntimeError):

@@ -162,3 +162,53 @@ def test_pipeline_reports_missing_surface(pipeline, tmp_path):
     result = pipeline(seed=0, yaws=(0,), pitches=(0,), turntable_frames=1, mesh_resolution=16, mesh_level=1e6,
                       output_dir=tmp_path)
     assert result.glb_path is None and result.mesh_faces is None and result.warnings
+
+
+def test_pipeline_without_turntable_frames(pipeline):
+    result = pipeline(seed=1, yaws=(0,), pitches=(0,), turntable_frames=0, mesh=False)
+    assert result.turntable == [] and result.turntable_yaws == () and result.orbit.shape == (1, 1, 128, 128, 3)
+    assert pipeline.render_views(pipeline.latent(1), []).shape == (0, 128, 128, 3)
+
+
+def test_render_views_match_the_previous_per_view_path(pipeline, monkeypatch):
+    """One set of planes sampled for every view and the background synthesised once give the previous path's
+    images (planes and ws expanded to one row per view) within float32 rounding: uint8 pixels differ by at most 1
+    (a value on a rounding boundary), and almost none do."""
+    from core.pipelines.head3d import RENDER_BATCH, _to_uint8
+    from tests.test_triplane import previous_render
+
+    views = [(yaw, pitch) for yaw in (-40.0, -10.0, 0.0, 25.0) for pitch in (-15.0, 0.0, 15.0)]
+    assert len(views) > RENDER_BATCH  # more than one batch
+    generator = pipeline.generator
+    with torch.inference_mode():
+        ws = pipeline.latent(5)
+        images = pipeline.render_views(ws, views)
+        planes = generator.generate_planes(ws, noise_mode="const")
+        cameras = torch.cat([pipeline.camera(yaw, pitch) for yaw, pitch in views])
+        before = previous_render(generator, planes, ws, cameras, monkeypatch, deterministic=True,
+                                 noise_mode="const")
+        mine = generator.render_planes(planes, ws, cameras, deterministic=True, noise_mode="const")
+    torch.testing.assert_close(mine["image"], before["image"], rtol=1e-5, atol=2e-5)
+    difference = np.abs(images.astype(int) - _to_uint8(before["image"]).astype(int))
+    assert difference.max() <= 1 and (difference > 0).mean() < 1e-3
+
+
+def test_style_encoder_is_built_once_and_cached(tmp_path):
+    from core.pipelines.head3d import Head3DPipeline
+    from core.runtime import Runtime
+    from tests.tiny_weights import AGILE_PLAIN_STYLE, AGILE_STYLE
+    from tests.tiny_weights import (add_agilegan3d_styles, add_head3d_encoder, add_head3d_generator, add_identity,
+                                    load_registry)
+
+    base = add_head3d_generator(tmp_path)
+    add_identity(tmp_path)
+    add_head3d_encoder(tmp_path)
+    add_agilegan3d_styles(tmp_path, base, AGILE_STYLE, AGILE_PLAIN_STYLE)
+    runtime = Runtime("cpu", registry=load_registry(tmp_path))
+    pipeline = Head3DPipeline.from_pretrained(runtime=runtime)
+    encoder = pipeline.style_encoder(AGILE_STYLE)
+    keys = set(pipeline.style_generator(AGILE_STYLE).state_dict())
+    again = Head3DPipeline.from_pretrained(runtime=runtime)  # the tabs build a pipeline per call
+    assert again.style_encoder(AGILE_STYLE) is encoder and encoder is not pipeline.encoder
+    assert set(again.style_generator(AGILE_STYLE).state_dict()) == keys  # the cache adds no tensors
+    assert not any(p.requires_grad for p in encoder.parameters()) and not encoder.training

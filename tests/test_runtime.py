@@ -98,3 +98,11 @@ def test_gpu_decorator_is_a_no_op_off_zerogpu(monkeypatch):
 def test_describe_reports_device_and_dtype():
     described = Runtime("cpu", registry=W.Registry([])).describe()
     assert described["device"].startswith("cpu") and described["dtype"] == "float32"
+
+
+def test_default_cache_holds_the_largest_tab(monkeypatch, registry):
+    from core.runtime import DEFAULT_MAX_RESIDENT_MODELS
+
+    monkeypatch.delenv("FACE_SUITE_MAX_MODELS", raising=False)
+    assert Runtime("cpu", registry=registry).max_resident_models == DEFAULT_MAX_RESIDENT_MODELS
+    assert DEFAULT_MAX_RESIDENT_MODELS >= 5 + 3  # beauty's five models, and the 3D tabs' generator, encoder, style

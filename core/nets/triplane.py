@@ -37,7 +37,7 @@ from core.nets.volume_rendering import (
     EG3D_PLANE_AXES,
     FIXED_PLANE_AXES,
     render_rays,
-    sample_from_planes,
+    sample_mean_from_planes,
     sample_rays,
     side_crop_mask,
 )
@@ -65,7 +65,10 @@ class OSGDecoder(torch.nn.Module):
 
     def forward(self, sampled_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[N, 3, M, C] plane features -> (features [N, M, 32], raw sigma [N, M, 1])."""
-        x = sampled_features.mean(1)
+        return self.decode(sampled_features.mean(1))
+
+    def decode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` of the planes' mean features [N, M, C] (`sample_mean_from_planes`)."""
         n, m, c = x.shape
         x = self.net(x.reshape(n * m, c)).reshape(n, m, -1)
         rgb, sigma = x[..., 1:], x[..., 0:1]
@@ -171,8 +174,11 @@ class TriPlaneGenerator(torch.nn.Module):
         box_warp = self.rendering_kwargs["box_warp"]
 
         def field(coordinates, directions):
-            features = sample_from_planes(planes, coordinates, box_warp, self.plane_axes, self.grid_depth)
-            return self.decoder(features)
+            # one set of planes serves every row (views of one latent): expanded, as grid_sample's CPU kernel
+            # shares its work out per batch row
+            rows = planes.expand(coordinates.shape[0], *planes.shape[1:]) if planes.shape[0] == 1 else planes
+            return self.decoder.decode(sample_mean_from_planes(rows, coordinates, box_warp, self.plane_axes,
+                                                               self.grid_depth))
 
         return field
 
@@ -180,6 +186,18 @@ class TriPlaneGenerator(torch.nn.Module):
         """Raw `sigma` [N, M, 1] and decoder features `rgb` [N, M, 32] at world points [N, M, 3] (directions unused)."""
         rgb, sigma = self._field(planes)(coordinates, directions)
         return {"rgb": rgb, "sigma": sigma}
+
+    def query_density(self, planes, coordinates) -> torch.Tensor:
+        """Raw `sigma` [N, M, 1] alone at world points [N, M, 3]: `query_planes` without the 32 feature outputs of
+        the decoder's last layer (the same numbers up to float rounding; for density lattices)."""
+        features = sample_mean_from_planes(planes, coordinates, self.rendering_kwargs["box_warp"], self.plane_axes,
+                                           self.grid_depth)
+        hidden, last = self.decoder.net[:2], self.decoder.net[2]
+        n, m, c = features.shape
+        x = hidden(features.reshape(n * m, c))
+        weight = last.weight[:1].to(x.dtype) * last.weight_gain
+        bias = last.bias[:1].to(x.dtype) * last.bias_gain
+        return torch.addmm(bias.unsqueeze(0), x, weight.t()).reshape(n, m, 1)
 
     def sample_mixed(self, coordinates, directions, ws, **synthesis_kwargs):
         """Density and features at arbitrary points for given ws (used for shapes)."""
@@ -195,9 +213,15 @@ class TriPlaneGenerator(torch.nn.Module):
     # ----------------------------------------------------------------------------------------------- images
     def render_planes(self, planes, ws, c, neural_rendering_resolution=None, deterministic=False, generator=None,
                       ws_bcg=None, **synthesis_kwargs) -> dict[str, torch.Tensor]:
-        """Volume-render given planes from cameras c [N, 25] and run the super-resolution (see `synthesis`)."""
+        """Volume-render given planes from cameras c [N, 25] and run the super-resolution (see `synthesis`).
+
+        `planes` [1, ...] and `ws` [1, ...] (and `ws_bcg`) serve every camera: the planes are sampled once for all
+        views and the background synthesised once, which gives the same images as expanding them to N rows."""
         rk = self.rendering_kwargs
         resolution = neural_rendering_resolution or self.neural_rendering_resolution
+        if ws.shape[0] == 1 and c.shape[0] > 1:
+            ws_bcg = ws if ws_bcg is None else ws_bcg
+            ws = ws.expand(c.shape[0], -1, -1)
         cam2world = c[:, :16].view(-1, 4, 4)
         intrinsics = c[:, 16:25].view(-1, 3, 3)
         ray_origins, ray_directions = sample_rays(cam2world, intrinsics, resolution)
@@ -225,6 +249,8 @@ class TriPlaneGenerator(torch.nn.Module):
             if ws_bcg.shape[1] < num_bcg:
                 ws_bcg = torch.cat([ws_bcg, ws_bcg[:, -1:].repeat(1, num_bcg - ws_bcg.shape[1], 1)], 1)
             background = self.bcg_synthesis(ws_bcg, **synthesis_kwargs)
+            if background.shape[0] == 1 and n > 1:  # one latent for every camera: synthesised once
+                background = background.expand(n, -1, -1, -1)
             background = torch.nn.functional.interpolate(background, size=feature_image.shape[2:], mode="bilinear",
                                                          align_corners=False, antialias=rk["sr_antialias"])
             feature_image = feature_image + (1 - weight_image) * background

@@ -87,6 +87,33 @@ def sample_from_planes(
     return features.permute(0, 4, 3, 2, 1).reshape(n, n_planes, m, feature_channels)
 
 
+def sample_mean_from_planes(
+    planes: torch.Tensor,
+    coordinates: torch.Tensor,
+    box_warp: float,
+    plane_axes: tuple[tuple[int, int, int], ...] = EG3D_PLANE_AXES,
+    grid_depth: int | None = None,
+) -> torch.Tensor:
+    """`sample_from_planes(...).mean(1)` ([N, M, C], the decoder's input) averaged in grid_sample's own layout:
+    the same numbers without laying out the three planes' features per point first (a strided [N, M, C] view)."""
+    n, n_planes, channels, height, width = planes.shape
+    m = coordinates.shape[1]
+    scaled = (2 / box_warp) * coordinates
+    projected = torch.stack([scaled[..., list(axes)] for axes in plane_axes], dim=1).reshape(n * n_planes, m, 3)
+    if grid_depth is None:
+        features = F.grid_sample(
+            planes.reshape(n * n_planes, channels, height, width), projected[:, None, :, :2].float(),
+            mode="bilinear", padding_mode="zeros", align_corners=False,
+        )  # [N*3, C, 1, M]
+    else:
+        channels = channels // grid_depth
+        features = F.grid_sample(
+            planes.reshape(n * n_planes, channels, grid_depth, height, width), projected[:, None, None].float(),
+            mode="bilinear", padding_mode="zeros", align_corners=False,
+        )  # [N*3, C, 1, 1, M]
+    return features.view(n, n_planes, channels, m).mean(1).transpose(1, 2)
+
+
 def side_crop_mask(coordinates: torch.Tensor, box_warp: float, margin: float) -> torch.Tensor:
     """[N, M, 1] True where |x| or |z| exceeds box_warp/2 - margin (PanoHead's `triplane_crop`, bottom open)."""
     return ~(coordinates[..., [0, 2]].abs() <= (box_warp / 2 - margin)).all(dim=-1, keepdim=True)
@@ -100,19 +127,33 @@ def ray_march(
     Works on consecutive sample pairs (D-1 intervals), density = softplus(raw - 1). Returns the composited
     colour [N, M, C] (not rescaled), depth [N, M, 1] clamped to the global sample range, weights [N, M, D-1, 1].
     """
-    deltas = depths[:, :, 1:] - depths[:, :, :-1]
     colors_mid = (colors[:, :, :-1] + colors[:, :, 1:]) / 2
-    densities_mid = (densities[:, :, :-1] + densities[:, :, 1:]) / 2
-    depths_mid = (depths[:, :, :-1] + depths[:, :, 1:]) / 2
+    weights = ray_weights(densities, depths)
+    rgb = torch.sum(weights * colors_mid, dim=-2)
+    return rgb, ray_depth(weights, depths), weights
 
+
+def ray_weights(densities: torch.Tensor, depths: torch.Tensor) -> torch.Tensor:
+    """`ray_march`'s compositing weights [N, M, D-1, 1] of raw densities at sorted depths [N, M, D, 1]."""
+    deltas = depths[:, :, 1:] - depths[:, :, :-1]
+    densities_mid = (densities[:, :, :-1] + densities[:, :, 1:]) / 2
     alpha = 1 - torch.exp(-F.softplus(densities_mid - 1) * deltas)
     shifted = torch.cat([torch.ones_like(alpha[:, :, :1]), 1 - alpha + 1e-10], dim=-2)
-    weights = alpha * torch.cumprod(shifted, dim=-2)[:, :, :-1]
+    return alpha * torch.cumprod(shifted, dim=-2)[:, :, :-1]
 
-    rgb = torch.sum(weights * colors_mid, dim=-2)
+
+def ray_depth(weights: torch.Tensor, depths: torch.Tensor) -> torch.Tensor:
+    """`ray_march`'s depth [N, M, 1]: weighted interval midpoints, clamped to the global sample range."""
+    depths_mid = (depths[:, :, :-1] + depths[:, :, 1:]) / 2
     depth = torch.sum(weights * depths_mid, dim=-2) / weights.sum(dim=2)
-    depth = torch.clamp(torch.nan_to_num(depth, float("inf")), torch.min(depths), torch.max(depths))
-    return rgb, depth, weights
+    return torch.clamp(torch.nan_to_num(depth, float("inf")), torch.min(depths), torch.max(depths))
+
+
+def sample_coefficients(weights: torch.Tensor) -> torch.Tensor:
+    """[N, M, D, 1] per-sample factors of the composited colour: sum_i w_i (c_i + c_i+1) / 2 = sum_k c_k v_k with
+    v_k = (w_k-1 + w_k) / 2 (w_-1 = w_D-1 = 0), so colours never need the interval midpoints or sorting."""
+    half = weights / 2
+    return F.pad(half, (0, 0, 1, 0)) + F.pad(half, (0, 0, 0, 1))
 
 
 def stratified_depths(
@@ -198,18 +239,21 @@ def render_rays(
         n, m, ray_start, ray_end, depth_resolution, ray_origins.device, deterministic, generator
     )
     colors_coarse, densities_coarse = evaluate(depths_coarse)
-    if depth_resolution_importance > 0:
-        _, _, weights = ray_march(colors_coarse, densities_coarse, depths_coarse)
-        depths_fine = importance_depths(depths_coarse, weights, depth_resolution_importance, deterministic, generator)
-        colors_fine, densities_fine = evaluate(depths_fine)
-        depths = torch.cat([depths_coarse, depths_fine], dim=-2)
-        colors = torch.cat([colors_coarse, colors_fine], dim=-2)
-        densities = torch.cat([densities_coarse, densities_fine], dim=-2)
-        _, order = torch.sort(depths, dim=-2)
-        depths = torch.gather(depths, -2, order)
-        colors = torch.gather(colors, -2, order.expand(-1, -1, -1, colors.shape[-1]))
-        densities = torch.gather(densities, -2, order)
-    else:
-        depths, colors, densities = depths_coarse, colors_coarse, densities_coarse
-    rgb, depth, weights = ray_march(colors, densities, depths)
-    return rgb, depth, weights.sum(2)
+    if depth_resolution_importance <= 0:
+        rgb, depth, weights = ray_march(colors_coarse, densities_coarse, depths_coarse)
+        return rgb, depth, weights.sum(2)
+    weights = ray_weights(densities_coarse, depths_coarse)  # the coarse colours are not composited on their own
+    depths_fine = importance_depths(depths_coarse, weights, depth_resolution_importance, deterministic, generator)
+    colors_fine, densities_fine = evaluate(depths_fine)
+    depths = torch.cat([depths_coarse, depths_fine], dim=-2)
+    densities = torch.cat([densities_coarse, densities_fine], dim=-2)
+    _, order = torch.sort(depths, dim=-2)
+    depths = torch.gather(depths, -2, order)
+    weights = ray_weights(torch.gather(densities, -2, order), depths)
+    # `ray_march` of the depth-sorted colours, composited as sum_k c_k v_k in the samples' own order instead (the
+    # same sum in another order: equal up to float rounding), without sorting or concatenating the colours
+    coefficients = torch.empty_like(depths).scatter_(-2, order, sample_coefficients(weights))
+    coarse = depths_coarse.shape[-2]
+    rgb = (torch.sum(colors_coarse * coefficients[:, :, :coarse], dim=-2)
+           + torch.sum(colors_fine * coefficients[:, :, coarse:], dim=-2))
+    return rgb, ray_depth(weights, depths), weights.sum(2)

@@ -231,14 +231,21 @@ class Head3DPipeline:
     def style_encoder(self, style: str) -> torch.nn.Module | None:
         """The photo encoder of the registry style `style`: its `encoder` part (`core.nets.style_delta`) applied to
         a copy of this pipeline's encoder; None when the style ships no encoder (photos then go through the base
-        encoder)."""
+        encoder). Built once and kept with the style's generator in the runtime's model cache (evicted with it;
+        one per base encoder)."""
         part = self.runtime.registry.load_config(style).get("parts", {}).get("encoder")
         if part is None or self.encoder is None:
             return None
-        from core.nets.style_delta import apply_style_delta, build_style_delta
+        # a plain dict attribute, not a submodule: the cached generator's state dict stays the same
+        cache = self.style_generator(style).__dict__.setdefault("_style_encoders", {})
+        key = id(self.encoder)
+        if key not in cache or cache[key][0] is not self.encoder:
+            from core.nets.style_delta import apply_style_delta, build_style_delta
 
-        delta = build_style_delta(part, self.runtime.registry.load_state_dict(style, part["file"]))
-        return apply_style_delta(self.encoder, delta)
+            delta = build_style_delta(part, self.runtime.registry.load_state_dict(style, part["file"]))
+            encoder = apply_style_delta(self.encoder, delta).to(self.runtime.device).eval().requires_grad_(False)
+            cache[key] = (self.encoder, encoder)
+        return cache[key][1]
 
     def camera(self, yaw_deg: float, pitch_deg: float) -> torch.Tensor:
         """[1, 25] label of the camera at (yaw, pitch) degrees around the generator's pivot."""
@@ -257,16 +264,20 @@ class Head3DPipeline:
         ray_resolution = self.generator.neural_rendering_resolution
         if max_ray_resolution:
             ray_resolution = min(ray_resolution, int(max_ray_resolution))
-        planes = self.generator.generate_planes(ws[:1], noise_mode="const")
-        images = []
-        for start in range(0, len(views), RENDER_BATCH):
-            chunk = views[start:start + RENDER_BATCH]
-            cameras = torch.cat([self.camera(yaw, pitch) for yaw, pitch in chunk])
-            count = len(chunk)
-            out = self.generator.render_planes(planes.expand(count, *planes.shape[1:]),
-                                               ws[:1].expand(count, -1, -1), cameras, ray_resolution,
-                                               deterministic=True, noise_mode="const")
-            images.append(_to_uint8(out["image"]))
+        if not views:
+            size = self.generator.img_resolution
+            return np.zeros((0, size, size, 3), np.uint8)
+        with torch.inference_mode():  # uint8 images out: no autograd bookkeeping
+            # planes [1] and ws [1] serve every camera of a batch: the planes are sampled once for all its views
+            # and the background is synthesised once (`TriPlaneGenerator.render_planes`)
+            planes = self.generator.generate_planes(ws[:1], noise_mode="const")
+            images = []
+            for start in range(0, len(views), RENDER_BATCH):
+                chunk = views[start:start + RENDER_BATCH]
+                cameras = torch.cat([self.camera(yaw, pitch) for yaw, pitch in chunk])
+                out = self.generator.render_planes(planes, ws[:1], cameras, ray_resolution, deterministic=True,
+                                                   noise_mode="const")
+                images.append(_to_uint8(out["image"]))
         return np.concatenate(images)
 
     def identity_similarity(self, images_a: np.ndarray, images_b: np.ndarray) -> list[float]:
