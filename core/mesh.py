@@ -8,7 +8,7 @@ normals and RGBA uint8 vertex colours, and writes provenance into the glTF `asse
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import trimesh
@@ -45,6 +45,92 @@ def mesh_from_density_grid(
     # skimage orients faces toward increasing values; we want outward = toward decreasing density.
     vertices, faces, _, _ = marching_cubes(density, level=level, spacing=tuple(spacing))
     return (vertices + lo).astype(np.float32), faces[:, ::-1].astype(np.int64)
+
+
+def _cells_touching(count: int, coarse: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each fine index 0..count-1, the coarse cells (between coarse[c] and coarse[c+1]) whose closure holds it:
+    (lower, upper), equal except on a coarse plane, where the point is shared by two cells (clipped at the ends;
+    -1 outside the coarse range)."""
+    index = np.arange(count)
+    upper = np.searchsorted(coarse, index, side="right") - 1
+    lower = np.searchsorted(coarse, index, side="left") - 1
+    lower = np.where(np.isin(index, coarse), lower, upper)
+    cells = len(coarse) - 1
+    outside = (index < coarse[0]) | (index > coarse[-1])
+    upper, lower = np.clip(upper, 0, cells - 1), np.clip(lower, 0, cells - 1)
+    return np.where(outside, -1, lower), np.where(outside, -1, upper)
+
+
+def sparse_density_lattice(
+    density: Callable[[np.ndarray], np.ndarray],
+    axis: np.ndarray,
+    level: float,
+    pad: int = 0,
+    fill: float = -1000.0,
+    coarse_step: int = 4,
+) -> np.ndarray:
+    """[N, N, N] lattice (index [ix, iy, iz] = (axis[ix], axis[iy], axis[iz])) of `density(points [M, 3]) -> [M]`
+    for marching cubes at `level`, evaluated only where the surface can be.
+
+    The border of width `pad` is `fill` without evaluation (the official shape script overwrites it anyway). The
+    rest is first evaluated on a coarse sub-lattice (every `coarse_step`-th point, the last interior one included);
+    every coarse cell whose corners straddle `level` (a cell touching the border also counts the border's `fill`),
+    and its 26 neighbours, is then evaluated at every lattice point. The other cells lie on one side of the level
+    at all their corners and are filled with a corner value of that side. Marching cubes then sees the same values
+    wherever the full lattice crosses the level, so it gives the same mesh, provided no part of the surface fits
+    inside a coarse cell's neighbourhood without touching its corners (detail thinner than about `coarse_step`
+    lattice steps and away from any other surface). `coarse_step` 1 evaluates every interior point.
+    """
+    axis = np.asarray(axis, np.float32)
+    n = len(axis)
+    lattice = np.full((n, n, n), fill, np.float32)
+    lo, hi = pad, n - pad  # interior [lo, hi)
+    if hi - lo < 1:
+        return lattice
+    if coarse_step <= 1 or hi - lo <= 2 * coarse_step:
+        interior = axis[lo:hi]
+        points = np.stack(np.meshgrid(interior, interior, interior, indexing="ij"), -1).reshape(-1, 3)
+        lattice[lo:hi, lo:hi, lo:hi] = np.asarray(density(points), np.float32).reshape((hi - lo,) * 3)
+        return lattice
+    coarse = np.unique(np.append(np.arange(lo, hi, coarse_step), hi - 1))
+    grid = axis[coarse]
+    points = np.stack(np.meshgrid(grid, grid, grid, indexing="ij"), -1).reshape(-1, 3)
+    values = np.asarray(density(points), np.float32).reshape((len(coarse),) * 3)
+
+    above = values > level
+    corners = [above[i:len(coarse) - 1 + i, j:len(coarse) - 1 + j, k:len(coarse) - 1 + k]
+               for i in (0, 1) for j in (0, 1) for k in (0, 1)]
+    any_above, all_above = np.logical_or.reduce(corners), np.logical_and.reduce(corners)
+    mixed = any_above & ~all_above
+    if pad > 0:  # cells on the interior's boundary also meet the border's fill value
+        boundary = np.zeros_like(mixed)
+        boundary[[0, -1]], boundary[:, [0, -1]], boundary[:, :, [0, -1]] = True, True, True
+        mixed |= boundary & ((any_above) if fill <= level else ~all_above)
+    padded = np.pad(mixed, 1)
+    cells = mixed.shape[0]
+    selected = np.logical_or.reduce([padded[i:i + cells, j:j + cells, k:k + cells]
+                                     for i in range(3) for j in range(3) for k in range(3)])
+
+    lower, upper = _cells_touching(n, coarse)
+    inside = lower >= 0
+    exact = np.zeros((n, n, n), bool)
+    for cx in (lower, upper):
+        for cy in (lower, upper):
+            for cz in (lower, upper):
+                exact |= (selected[np.ix_(np.maximum(cx, 0), np.maximum(cy, 0), np.maximum(cz, 0))]
+                          & inside[:, None, None] & inside[None, :, None] & inside[None, None, :])
+    # one side everywhere else: a corner value of the cell's side (the cell's max when above, else its min)
+    corner_values = [values[i:len(coarse) - 1 + i, j:len(coarse) - 1 + j, k:len(coarse) - 1 + k]
+                     for i in (0, 1) for j in (0, 1) for k in (0, 1)]
+    side_value = np.where(all_above, np.maximum.reduce(corner_values), np.minimum.reduce(corner_values))
+    block = np.ix_(lower[lo:hi], lower[lo:hi], lower[lo:hi])
+    lattice[lo:hi, lo:hi, lo:hi] = side_value[block]
+    lattice[np.ix_(coarse, coarse, coarse)] = values
+    exact[np.ix_(coarse, coarse, coarse)] = False
+    ix, iy, iz = np.nonzero(exact)
+    if len(ix):
+        lattice[ix, iy, iz] = np.asarray(density(np.stack([axis[ix], axis[iy], axis[iz]], -1)), np.float32)
+    return lattice
 
 
 def _rgba_uint8(colors: np.ndarray, count: int) -> np.ndarray:

@@ -23,7 +23,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -32,11 +32,11 @@ import trimesh
 
 from core.face import ImageSource, prepare_face
 from core.identity import IdentityEncoder, cosine_similarity, image_to_tensor
-from core.mesh import DEFAULT_FACE_BUDGET, export_glb
+from core.mesh import DEFAULT_FACE_BUDGET, export_glb, sparse_density_lattice
 from core.nets import GENERATOR_KINDS, generator_from_config
 from core.nets.camera import EG3D_CAMERA_RADIUS, EG3D_LOOKAT, PANOHEAD_LOOKAT, camera_label
 from core.nets.encoders import build_head3d_encoder
-from core.nets.shape import OFFICIAL_LEVEL, extract_mesh
+from core.nets.shape import OFFICIAL_LEVEL, border_width, lattice_axis, mesh_from_lattice, vertex_colors
 from core.provenance import Provenance
 from core.runtime import Runtime
 from core.weights import Registry, WeightsError
@@ -52,6 +52,8 @@ ORBIT_PITCHES = (-15.0, 0.0, 15.0)
 TURNTABLE_FRAMES = 24
 TURNTABLE_MAX_YAW = 60.0
 RENDER_BATCH = 8
+MESH_COARSE_STEP = 4  # the density lattice's coarse pass (`core.mesh.sparse_density_lattice`)
+MESH_CHUNK = 2**18
 
 
 @dataclass
@@ -333,14 +335,47 @@ class Head3DPipeline:
         return PhotoInversion(prepared.image, yaw, pitch, ws, reconstruction, frontal, similarity, int(refine_steps),
                               list(prepared.warnings))
 
+    def density(self, planes: torch.Tensor) -> Callable[[np.ndarray], np.ndarray]:
+        """Raw sigma [M] at world points [M, 3] (numpy) of planes [1, ...]: density alone (no colour features),
+        in chunks laid out as one row per thread (grid_sample's CPU kernel shares its work out per row)."""
+        rows = max(2, torch.get_num_threads())
+
+        def density(points: np.ndarray) -> np.ndarray:
+            points = torch.from_numpy(np.ascontiguousarray(points, np.float32))
+            sigma = []
+            for start in range(0, len(points), MESH_CHUNK):
+                chunk = points[start:start + MESH_CHUNK].to(planes.device)
+                count = len(chunk)
+                per_row = -(-count // rows)
+                chunk = F.pad(chunk, (0, 0, 0, per_row * rows - count)).reshape(rows, per_row, 3)
+                out = self.generator.query_density(planes.expand(rows, *planes.shape[1:]), chunk)
+                sigma.append(out.reshape(-1)[:count].float().cpu())
+            return torch.cat(sigma).numpy()
+
+        return density
+
+    @torch.inference_mode()
+    def extract_mesh(self, ws: torch.Tensor, resolution: int = 128, level: float = OFFICIAL_LEVEL,
+                     coarse_step: int = MESH_COARSE_STEP) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`core.nets.shape.extract_mesh` (vertices, faces, colours) computing less: the lattice's border, which
+        the official procedure overwrites, is not evaluated, the rest only where the surface can be
+        (`core.mesh.sparse_density_lattice` with `coarse_step`; 1: every interior point), density alone."""
+        box_warp = self.generator.rendering_kwargs["box_warp"]
+        planes = self.generator.generate_planes(ws[:1], noise_mode="const")
+        pad = border_width(resolution)
+        sigma = sparse_density_lattice(self.density(planes), lattice_axis(resolution, box_warp).numpy(), level,
+                                       pad=pad, fill=-1000.0, coarse_step=coarse_step)
+        vertices, faces = mesh_from_lattice(sigma, box_warp, level, pad)
+        return vertices, faces, vertex_colors(self.generator, planes, ws, vertices)
+
     def mesh(self, ws: torch.Tensor, path: Path, provenance: Provenance, resolution: int = 128,
-             level: float = OFFICIAL_LEVEL, face_budget: int = DEFAULT_FACE_BUDGET
-             ) -> tuple[Path | None, int | None, list[str]]:
+             level: float = OFFICIAL_LEVEL, face_budget: int = DEFAULT_FACE_BUDGET,
+             coarse_step: int = MESH_COARSE_STEP) -> tuple[Path | None, int | None, list[str]]:
         """(GLB path, face count, warnings) of the level surface of ws[:1], written to `path`; (None, None,
-        [warning]) when there is no surface at `level`."""
+        [warning]) when there is no surface at `level`. `coarse_step`: see `extract_mesh`."""
         try:
             vertices, faces, colors = self.runtime.run(
-                lambda dtype: extract_mesh(self.generator, ws, resolution, level), fp16_safe=False,
+                lambda dtype: self.extract_mesh(ws, resolution, level, coarse_step), fp16_safe=False,
                 what="The 3D head generator")
         except ValueError:  # marching cubes finds no surface at this level
             return None, None, [f"No surface at density level {level}; no mesh was written."]
