@@ -174,11 +174,18 @@ class TriPlaneGenerator(torch.nn.Module):
         box_warp = self.rendering_kwargs["box_warp"]
 
         def field(coordinates, directions):
-            # one set of planes serves every row (views of one latent): expanded, as grid_sample's CPU kernel
-            # shares its work out per batch row
-            rows = planes.expand(coordinates.shape[0], *planes.shape[1:]) if planes.shape[0] == 1 else planes
-            return self.decoder.decode(sample_mean_from_planes(rows, coordinates, box_warp, self.plane_axes,
-                                                               self.grid_depth))
+            n, m, _ = coordinates.shape
+            if planes.shape[0] > 1:
+                return self.decoder.decode(sample_mean_from_planes(planes, coordinates, box_warp, self.plane_axes,
+                                                                   self.grid_depth))
+            # one set of planes serves every row (views of one latent): the points are laid out in at least one
+            # row per thread, as grid_sample's CPU kernel shares its work out per batch row
+            rows = max(n, torch.get_num_threads())
+            rows = rows if (n * m) % rows == 0 else n
+            rgb, sigma = self.decoder.decode(sample_mean_from_planes(
+                planes.expand(rows, *planes.shape[1:]), coordinates.reshape(rows, -1, 3), box_warp,
+                self.plane_axes, self.grid_depth))
+            return rgb.reshape(n, m, -1), sigma.reshape(n, m, 1)
 
         return field
 
