@@ -212,3 +212,34 @@ def test_style_encoder_is_built_once_and_cached(tmp_path):
     assert again.style_encoder(AGILE_STYLE) is encoder and encoder is not pipeline.encoder
     assert set(again.style_generator(AGILE_STYLE).state_dict()) == keys  # the cache adds no tensors
     assert not any(p.requires_grad for p in encoder.parameters()) and not encoder.training
+
+
+@pytest.mark.parametrize("density_shift", [0.0, 2000.0])
+def test_renders_skip_side_cropped_samples_without_changing_images(density_shift, monkeypatch):
+    """The field is not evaluated at the samples PanoHead's side crop forces to -1000, unless their colour counts
+    after all (a density of ~1000 beside them, forced here with a shifted density bias): the images stay those of
+    the previous path, which evaluated every sample."""
+    import core.nets.volume_rendering as volume_rendering
+    from core.pipelines.head3d import Head3DPipeline
+    from core.runtime import Runtime
+    from tests.test_triplane import previous_render
+    from training.train_head3d import build_head_generator
+
+    torch.manual_seed(2)
+    generator = build_head_generator(TINY)
+    with torch.no_grad():
+        generator.decoder.net[-1].bias[0] += density_shift
+    pipeline = Head3DPipeline(generator, Runtime("cpu"), model_name="tiny-random")
+    calls = []
+    evaluate_where = volume_rendering.evaluate_where
+    monkeypatch.setattr(volume_rendering, "evaluate_where", lambda *args: calls.append(1) or evaluate_where(*args))
+    with torch.inference_mode():
+        ws = pipeline.latent(0)
+        planes = generator.generate_planes(ws, noise_mode="const")
+        cameras = torch.cat([pipeline.camera(yaw, 0.0) for yaw in (-60.0, 0.0, 90.0)])
+        mine = generator.render_planes(planes, ws, cameras, deterministic=True, noise_mode="const")
+        before = previous_render(generator, planes, ws, cameras, monkeypatch, deterministic=True,
+                                 noise_mode="const")
+    assert len(calls) == (3 if density_shift else 2)  # coarse, fine (and the counted masked samples)
+    for key in mine:
+        torch.testing.assert_close(mine[key], before[key], rtol=1e-5, atol=2e-5)

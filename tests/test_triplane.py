@@ -276,3 +276,26 @@ def test_query_density_is_query_planes_sigma(reference):
     torch.testing.assert_close(generator.query_density(planes[:1], points),
                                generator.query_planes(planes[:1], points, torch.zeros_like(points))["sigma"],
                                rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("pattern", ["ragged", "one_row_full", "none"])
+def test_evaluate_where_gives_the_field_at_kept_points_and_zero_elsewhere(pattern):
+    from core.nets.volume_rendering import evaluate_where
+
+    torch.manual_seed(0)
+    weight = torch.randn(3, 5)
+
+    def field(coordinates, directions):
+        x = coordinates @ weight
+        return x[..., 1:], x[..., :1]
+
+    coordinates = torch.randn(3, 40, 3)
+    keep = torch.rand(3, 40) > 0.5
+    if pattern == "one_row_full":
+        keep[1] = True
+    elif pattern == "none":
+        keep[:] = False
+    colors, densities = evaluate_where(field, coordinates, coordinates, keep)
+    expected_colors, expected_densities = field(coordinates, coordinates)
+    torch.testing.assert_close(colors, expected_colors * keep[..., None], rtol=0, atol=0)
+    torch.testing.assert_close(densities, expected_densities * keep[..., None], rtol=0, atol=0)

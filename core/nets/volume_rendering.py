@@ -207,6 +207,31 @@ def importance_depths(
     return samples_fine.reshape(n, m, n_importance, 1)
 
 
+def evaluate_where(
+    field: Field, coordinates: torch.Tensor, directions: torch.Tensor, keep: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`field` at the points that `keep` [N, P] marks alone: (features [N, P, C], raw sigma [N, P, 1]), zero at
+    the others (rows with fewer points than the longest are evaluated at some of the others too, then zeroed)."""
+    n, p, _ = coordinates.shape
+    counts = keep.sum(1)
+    longest = int(counts.max()) if p else 0
+    if longest == p:  # a row keeps every point: evaluate all
+        colors, densities = field(coordinates, directions)
+        drop = ~keep[..., None]
+        return colors.masked_fill(drop, 0), densities.masked_fill(drop, 0)
+    if longest == 0:
+        colors, densities = field(coordinates[:, :1], directions[:, :1])
+        return colors.new_zeros(n, p, colors.shape[-1]), densities.new_zeros(n, p, 1)
+    index = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[:, :longest]  # kept first, in order
+    colors, densities = field(coordinates.gather(1, index[..., None].expand(-1, -1, 3)),
+                              directions.gather(1, index[..., None].expand(-1, -1, 3)))
+    padding = (torch.arange(longest, device=counts.device) >= counts[:, None])[..., None]
+    colors, densities = colors.masked_fill(padding, 0), densities.masked_fill(padding, 0)
+    channels = colors.shape[-1]
+    colors = colors.new_zeros(n, p, channels).scatter_(1, index[..., None].expand(-1, -1, channels), colors)
+    return colors, densities.new_zeros(n, p, 1).scatter_(1, index[..., None], densities)
+
+
 def render_rays(
     field: Field,
     ray_origins: torch.Tensor,
@@ -223,32 +248,49 @@ def render_rays(
 
     `density_mask(coordinates) -> [N, M', 1] bool` marks samples whose raw density is forced to -1000 (PanoHead's
     side crop). Returns features [N, M, C] (not rescaled), depth [N, M, 1] and total weight [N, M, 1].
+
+    With importance samples, the field is not evaluated at masked samples: their colour counts only where its
+    compositing factor is not 0, which takes a density of about 1000 next to them (far beyond trained fields);
+    those few samples are then evaluated after all, so the result is the same.
     """
     n, m, _ = ray_origins.shape
 
-    def evaluate(depths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def points(depths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         samples = depths.shape[2]
         coordinates = (ray_origins.unsqueeze(-2) + depths * ray_directions.unsqueeze(-2)).reshape(n, -1, 3)
-        directions = ray_directions.unsqueeze(-2).expand(-1, -1, samples, -1).reshape(n, -1, 3)
-        colors, densities = field(coordinates, directions)
-        if density_mask is not None:
-            densities = densities.masked_fill(density_mask(coordinates), -1e3)
-        return colors.reshape(n, m, samples, -1), densities.reshape(n, m, samples, 1)
+        return coordinates, ray_directions.unsqueeze(-2).expand(-1, -1, samples, -1).reshape(n, -1, 3)
+
+    def evaluate(depths: torch.Tensor, skip_masked: bool = False):
+        samples = depths.shape[2]
+        coordinates, directions = points(depths)
+        masked = None
+        if density_mask is None:
+            colors, densities = field(coordinates, directions)
+        else:
+            masked = density_mask(coordinates)
+            if skip_masked:
+                colors, densities = evaluate_where(field, coordinates, directions, ~masked[..., 0])
+            else:
+                colors, densities = field(coordinates, directions)
+            densities = densities.masked_fill(masked, -1e3)
+            masked = masked.reshape(n, m, samples, 1)
+        return colors.reshape(n, m, samples, -1), densities.reshape(n, m, samples, 1), masked
 
     depths_coarse = stratified_depths(
         n, m, ray_start, ray_end, depth_resolution, ray_origins.device, deterministic, generator
     )
-    colors_coarse, densities_coarse = evaluate(depths_coarse)
     if depth_resolution_importance <= 0:
+        colors_coarse, densities_coarse, _ = evaluate(depths_coarse)
         rgb, depth, weights = ray_march(colors_coarse, densities_coarse, depths_coarse)
         return rgb, depth, weights.sum(2)
+    colors_coarse, densities_coarse, masked_coarse = evaluate(depths_coarse, skip_masked=True)
     weights = ray_weights(densities_coarse, depths_coarse)  # the coarse colours are not composited on their own
     depths_fine = importance_depths(depths_coarse, weights, depth_resolution_importance, deterministic, generator)
-    colors_fine, densities_fine = evaluate(depths_fine)
-    depths = torch.cat([depths_coarse, depths_fine], dim=-2)
+    colors_fine, densities_fine, masked_fine = evaluate(depths_fine, skip_masked=True)
+    samples = torch.cat([depths_coarse, depths_fine], dim=-2)
     densities = torch.cat([densities_coarse, densities_fine], dim=-2)
-    _, order = torch.sort(depths, dim=-2)
-    depths = torch.gather(depths, -2, order)
+    _, order = torch.sort(samples, dim=-2)
+    depths = torch.gather(samples, -2, order)
     weights = ray_weights(torch.gather(densities, -2, order), depths)
     # `ray_march` of the depth-sorted colours, composited as sum_k c_k v_k in the samples' own order instead (the
     # same sum in another order: equal up to float rounding), without sorting or concatenating the colours
@@ -256,4 +298,9 @@ def render_rays(
     coarse = depths_coarse.shape[-2]
     rgb = (torch.sum(colors_coarse * coefficients[:, :, :coarse], dim=-2)
            + torch.sum(colors_fine * coefficients[:, :, coarse:], dim=-2))
+    if masked_coarse is not None:  # masked samples left out whose colour does count after all
+        missing = torch.cat([masked_coarse, masked_fine], dim=-2) & (coefficients != 0)
+        if bool(missing.any()):
+            colors, _ = evaluate_where(field, *points(samples), missing.reshape(n, -1))
+            rgb = rgb + torch.sum(colors.reshape(n, m, samples.shape[2], -1) * (coefficients * missing), dim=-2)
     return rgb, ray_depth(weights, depths), weights.sum(2)
