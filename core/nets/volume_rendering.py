@@ -55,6 +55,32 @@ def sample_rays(cam2world: torch.Tensor, intrinsics: torch.Tensor, resolution: i
     return origins, directions
 
 
+def _grid_sample_planes(
+    planes: torch.Tensor,
+    coordinates: torch.Tensor,
+    box_warp: float,
+    plane_axes: tuple[tuple[int, int, int], ...],
+    grid_depth: int | None,
+) -> tuple[torch.Tensor, int]:
+    """grid_sample of every plane at its projection of `coordinates`: ([N*3, C, 1, M] or [N*3, C, 1, 1, M], C)."""
+    n, n_planes, channels, height, width = planes.shape
+    m = coordinates.shape[1]
+    scaled = (2 / box_warp) * coordinates
+    projected = torch.stack([scaled[..., list(axes)] for axes in plane_axes], dim=1).reshape(n * n_planes, m, 3)
+    if grid_depth is None:
+        features = F.grid_sample(
+            planes.reshape(n * n_planes, channels, height, width), projected[:, None, :, :2].float(),
+            mode="bilinear", padding_mode="zeros", align_corners=False,
+        )
+        return features, channels
+    channels = channels // grid_depth
+    features = F.grid_sample(
+        planes.reshape(n * n_planes, channels, grid_depth, height, width), projected[:, None, None].float(),
+        mode="bilinear", padding_mode="zeros", align_corners=False,
+    )
+    return features, channels
+
+
 def sample_from_planes(
     planes: torch.Tensor,
     coordinates: torch.Tensor,
@@ -67,24 +93,9 @@ def sample_from_planes(
     `planes` is [N, 3, C, H, W] (tri-plane, 2-D sampling) or, with `grid_depth` D, [N, 3, C*D, H, W] read as
     [C, D, H, W] per plane (tri-grid, 3-D sampling). Points are scaled by 2/box_warp; outside the box reads zeros.
     """
-    n, n_planes, channels, height, width = planes.shape
-    m = coordinates.shape[1]
-    scaled = (2 / box_warp) * coordinates
-    projected = torch.stack([scaled[..., list(axes)] for axes in plane_axes], dim=1).reshape(n * n_planes, m, 3)
-    if grid_depth is None:
-        grid = projected[:, None, :, :2].float()
-        features = F.grid_sample(
-            planes.reshape(n * n_planes, channels, height, width), grid,
-            mode="bilinear", padding_mode="zeros", align_corners=False,
-        )  # [N*3, C, 1, M]
-        return features.permute(0, 3, 2, 1).reshape(n, n_planes, m, channels)
-    feature_channels = channels // grid_depth
-    grid = projected[:, None, None, :, :].float()
-    features = F.grid_sample(
-        planes.reshape(n * n_planes, feature_channels, grid_depth, height, width), grid,
-        mode="bilinear", padding_mode="zeros", align_corners=False,
-    )  # [N*3, C, 1, 1, M]
-    return features.permute(0, 4, 3, 2, 1).reshape(n, n_planes, m, feature_channels)
+    n, n_planes, m = planes.shape[0], planes.shape[1], coordinates.shape[1]
+    features, channels = _grid_sample_planes(planes, coordinates, box_warp, plane_axes, grid_depth)
+    return features.reshape(n * n_planes, channels, m).permute(0, 2, 1).reshape(n, n_planes, m, channels)
 
 
 def sample_mean_from_planes(
@@ -96,21 +107,8 @@ def sample_mean_from_planes(
 ) -> torch.Tensor:
     """`sample_from_planes(...).mean(1)` ([N, M, C], the decoder's input) averaged in grid_sample's own layout:
     the same numbers without laying out the three planes' features per point first (a strided [N, M, C] view)."""
-    n, n_planes, channels, height, width = planes.shape
-    m = coordinates.shape[1]
-    scaled = (2 / box_warp) * coordinates
-    projected = torch.stack([scaled[..., list(axes)] for axes in plane_axes], dim=1).reshape(n * n_planes, m, 3)
-    if grid_depth is None:
-        features = F.grid_sample(
-            planes.reshape(n * n_planes, channels, height, width), projected[:, None, :, :2].float(),
-            mode="bilinear", padding_mode="zeros", align_corners=False,
-        )  # [N*3, C, 1, M]
-    else:
-        channels = channels // grid_depth
-        features = F.grid_sample(
-            planes.reshape(n * n_planes, channels, grid_depth, height, width), projected[:, None, None].float(),
-            mode="bilinear", padding_mode="zeros", align_corners=False,
-        )  # [N*3, C, 1, 1, M]
+    n, n_planes, m = planes.shape[0], planes.shape[1], coordinates.shape[1]
+    features, channels = _grid_sample_planes(planes, coordinates, box_warp, plane_axes, grid_depth)
     return features.view(n, n_planes, channels, m).mean(1).transpose(1, 2)
 
 
