@@ -283,6 +283,15 @@ class StylePriorTrainer(StyleGAN2Trainer):
 # ---- run folder -------------------------------------------------------------------------------------------------
 
 
+def _train_to(trainer, steps: int, train_loop, run: Path, deadline: Deadline, log_every: int) -> bool:
+    """Resume `trainer` from the run folder and train it up to `steps` steps within the deadline with `train_loop`
+    (`training.train_stylegan2.train` or the encoder trainer's); True once it has them all."""
+    trainer.load(run)
+    if trainer.step_count < steps:
+        train_loop(trainer, run, deadline, max_steps=steps - trainer.step_count, log_every=log_every)
+    return trainer.step_count >= steps
+
+
 def _clear_checkpoint(run: Path) -> None:
     """Remove a finished stage's trainer checkpoint, so that the next stage's trainer starts fresh."""
     for path in [run / STATE_FILE, *run.glob("tensors-*.safetensors")]:
@@ -344,10 +353,7 @@ def run_prior_stage(run: Path, agile: AgileConfig, exemplars: str | Path, aligne
         save_file({"latents": latents.cpu()}, str(latents_path))
     trainer = StylePriorTrainer(config, TrainingImages(images), base, latents, agile.frozen_resolution,
                                 agile.consistency_weight, device)
-    trainer.load(run)
-    if trainer.step_count < agile.prior_steps:
-        train(trainer, run, deadline, max_steps=agile.prior_steps - trainer.step_count, log_every=log_every)
-    if trainer.step_count < agile.prior_steps:
+    if not _train_to(trainer, agile.prior_steps, train, run, deadline, log_every):
         return False
     _save_weights(trainer.G_ema, run / STYLIZER_FILE)
     _clear_checkpoint(run)
@@ -426,11 +432,7 @@ def run_transfer_stage(run: Path, agile: AgileConfig, base3d: str | Path, deadli
     base = load_generator(base3d, device)
     config = head3d_train_config(_read_config(base3d), agile)
     trainer = GuidedTransferTrainer(config, augmented_training_data(run, config.resolution), base, device)
-    trainer.load(run)
-    if trainer.step_count < agile.transfer_steps:
-        train(trainer, run, deadline, max_steps=agile.transfer_steps - trainer.step_count,
-                     log_every=log_every)
-    if trainer.step_count < agile.transfer_steps:
+    if not _train_to(trainer, agile.transfer_steps, train, run, deadline, log_every):
         return False
     _save_weights(trainer.G_ema, run / STYLED3D_FILE)
     _clear_checkpoint(run)
@@ -599,11 +601,7 @@ def run_encoder_stage(run: Path, agile: AgileConfig, marker: dict, deadline: Dea
     config = encoder_train_config(agile, base_encoder)
     trainer = StyleEncoderTrainer(config, base, stylized, load_identity_encoder(config.identity), base_encoder,
                                   agile.encoder_trainable, images, cameras, mirrored, device)
-    trainer.load(run)
-    if trainer.step_count < agile.encoder_steps:
-        train_encoder(trainer, run, deadline, max_steps=agile.encoder_steps - trainer.step_count,
-                      log_every=log_every)
-    if trainer.step_count < agile.encoder_steps:
+    if not _train_to(trainer, agile.encoder_steps, train_encoder, run, deadline, log_every):
         return False
     _save_weights(trainer.encoder, run / STYLED_ENCODER_FILE)
     _clear_checkpoint(run)
