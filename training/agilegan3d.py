@@ -73,7 +73,7 @@ from training.train_head3d_encoder import (
     latent_loss,
     render,
 )
-from training.train_stylegan2 import StyleGAN2Trainer, TrainConfig, TrainingImages, _nan_to_num_grads
+from training.train_stylegan2 import StyleGAN2Trainer, TrainConfig, TrainingImages, nan_to_num_grads
 from training.train_stylegan2 import train
 
 STAGES = ("prior", "augment", "transfer", "encoder")
@@ -273,7 +273,7 @@ class StylePriorTrainer(StyleGAN2Trainer):
             targets = _to_float(self.data.images[index])
             loss = (self.G.synthesis(self.latents[index], noise_mode="const") - targets).abs().mean()
             (loss * self.consistency_weight).backward()
-            _nan_to_num_grads(self.G)
+            nan_to_num_grads(self.G)
             self.opt_G.step()
             self.G.requires_grad_(False)
             stats["consistency"] = loss.detach()

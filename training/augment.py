@@ -128,3 +128,11 @@ class AdaptiveProbability:
             step = (1.0 if r_t > self.target else -1.0) * images_seen / (self.adjust_kimg * 1000)
             self.p = min(max(self.p + step, 0.0), 1.0)
         return r_t
+
+    def state(self) -> dict[str, float]:
+        """p and the signs observed since the last update, for a checkpoint's `extra`."""
+        return {"augment_p": self.p, "ada_sign_sum": float(self._sign_sum), "ada_count": self._count}
+
+    def load_state(self, state: dict) -> None:
+        """Restore what `state()` returned."""
+        self.p, self._sign_sum, self._count = state["augment_p"], state["ada_sign_sum"], state["ada_count"]

@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from core.nets import CONFIG_FILE, WEIGHTS_FILE
-from training.resumable import STATE_FILE, Deadline, load_checkpoint, save_checkpoint
+from training.resumable import Deadline, load_checkpoint, save_checkpoint, stored_config
 from training.style_filters import stylize
 
 LOG_FILE = "log.jsonl"
@@ -345,10 +345,8 @@ class TeacherTrainer:
 
 
 def read_run_config(run_dir: str | Path) -> TeacherConfig | None:
-    state_path = Path(run_dir) / STATE_FILE
-    if not state_path.exists():
-        return None
-    return _config_from_dict(json.loads(state_path.read_text())["extra"]["config"])
+    stored = stored_config(run_dir)
+    return None if stored is None else _config_from_dict(stored)
 
 
 def train(trainer: TeacherTrainer, run_dir: str | Path, deadline: Deadline, max_steps: int | None = None,

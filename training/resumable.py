@@ -170,3 +170,11 @@ def load_checkpoint(
     if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda_states)
     return state["step"], state["extra"]
+
+
+def stored_config(run_dir: str | Path) -> dict[str, Any] | None:
+    """The run config a run folder's checkpoint keeps in `extra["config"]`, or None when it holds no checkpoint."""
+    state_path = Path(run_dir) / STATE_FILE
+    if not state_path.exists():
+        return None
+    return json.loads(state_path.read_text())["extra"]["config"]

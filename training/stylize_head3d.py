@@ -47,7 +47,7 @@ from core.nets.camera import camera_label
 from core.nets.style_delta import make_style_delta, save_style_delta
 from core.nets.triplane import TriPlaneGenerator
 from training.diffusion_teacher import PHOTO, STYLE, DiffusionTeacher, canny_edges, load_teacher
-from training.resumable import STATE_FILE, Deadline, load_checkpoint, save_checkpoint
+from training.resumable import Deadline, load_checkpoint, save_checkpoint, stored_config
 
 LOG_FILE = "log.jsonl"
 SAMPLES_FILE = "samples.png"
@@ -329,10 +329,8 @@ def _model_card(trainer: StylizeTrainer, delta, record: dict | None, metrics: di
 
 
 def read_run_config(run_dir: str | Path) -> StylizeConfig | None:
-    state_path = Path(run_dir) / STATE_FILE
-    if not state_path.exists():
-        return None
-    return StylizeConfig(**json.loads(state_path.read_text())["extra"]["config"])
+    stored = stored_config(run_dir)
+    return None if stored is None else StylizeConfig(**stored)
 
 
 def train(trainer: StylizeTrainer, run_dir: str | Path, deadline: Deadline, max_steps: int | None = None,

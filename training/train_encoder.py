@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 
 from core.nets import CONFIG_FILE, WEIGHTS_FILE, load_generator
 from core.nets.encoders import StyleEncoder, style_encoder_config
-from training.resumable import STATE_FILE, Deadline, load_checkpoint, save_checkpoint
+from training.resumable import Deadline, load_checkpoint, save_checkpoint, stored_config
 
 LOG_FILE = "log.jsonl"
 CARD_FILE = "README.md"
@@ -187,10 +187,8 @@ def model_card(trainer: EncoderTrainer, log: dict | None) -> str:
 
 def read_run_config(run_dir: str | Path) -> EncoderTrainConfig | None:
     """The config stored in a run folder's checkpoint, or None."""
-    state_path = Path(run_dir) / STATE_FILE
-    if not state_path.exists():
-        return None
-    return EncoderTrainConfig(**json.loads(state_path.read_text())["extra"]["config"])
+    stored = stored_config(run_dir)
+    return None if stored is None else EncoderTrainConfig(**stored)
 
 
 def train(trainer: EncoderTrainer, run_dir: str | Path, deadline: Deadline, max_steps: int | None = None,
@@ -222,7 +220,7 @@ def train(trainer: EncoderTrainer, run_dir: str | Path, deadline: Deadline, max_
 
 def main(argv: list[str] | None = None) -> None:
     from core.beauty import load_identity_encoder
-    from training.train_stylegan2 import images_from_archive
+    from training.train_stylegan2 import configure_device, images_from_archive
 
     defaults = EncoderTrainConfig()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -247,10 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
+    configure_device(device)
     deadline = Deadline(max(args.minutes * 60, args.reserve_s + 1), args.reserve_s)
     config = read_run_config(args.run)
     if config is None:

@@ -49,8 +49,8 @@ from core.nets.camera import camera_label
 from core.nets.triplane import TriPlaneGenerator
 from training.augment import AdaptiveProbability, augment, parse_operations
 from training.discriminator import Discriminator
-from training.resumable import STATE_FILE, Deadline, load_checkpoint, save_checkpoint
-from training.train_stylegan2 import LOG_FILE, train
+from training.resumable import Deadline, load_checkpoint, save_checkpoint, stored_config
+from training.train_stylegan2 import LOG_FILE, configure_device, nan_to_num_grads, train, update_ema
 
 PRIOR_FILE = "geometry_prior.npz"
 CARD_FILE = "README.md"
@@ -222,12 +222,6 @@ def resize(images: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
 
 
-def _zero_nonfinite_grads(module: torch.nn.Module) -> None:
-    for parameter in module.parameters():
-        if parameter.grad is not None:
-            torch.nan_to_num_(parameter.grad, nan=0, posinf=1e5, neginf=-1e5)
-
-
 class Head3DTrainer:
     """G, D, G_ema, optimizers and state of one run; `step()` runs one G and one D update."""
 
@@ -322,7 +316,7 @@ class Head3DTrainer:
             loss = loss + self.prior_weight * (opacity_loss + depth_loss)
             stats["prior_opacity"], stats["prior_depth"] = opacity_loss.detach(), depth_loss.detach()
         loss.backward()
-        _zero_nonfinite_grads(self.G)
+        nan_to_num_grads(self.G)
         self.opt_G.step()
 
         self.G.requires_grad_(False)
@@ -345,7 +339,7 @@ class Head3DTrainer:
             loss_D = loss_D + r1_penalty * (cfg.r1_gamma / 2 * cfg.r1_interval)
             stats["r1_penalty"] = r1_penalty.detach()
         loss_D.backward()
-        _zero_nonfinite_grads(self.D)
+        nan_to_num_grads(self.D)
         self.opt_D.step()
         self.ada.observe(real_logits)
         stats["real_logits"], stats["fake_logits"] = real_logits.detach().mean(), fake_logits.detach().mean()
@@ -358,15 +352,7 @@ class Head3DTrainer:
 
     def _update_ema(self) -> None:
         cfg = self.config
-        ema_images = cfg.ema_kimg * 1000
-        if cfg.ema_rampup is not None:
-            ema_images = min(ema_images, self.images_seen * cfg.ema_rampup)
-        beta = 0.5 ** (cfg.batch / max(ema_images, 1e-8))
-        with torch.no_grad():
-            for p_ema, p in zip(self.G_ema.parameters(), self.G.parameters()):
-                p_ema.copy_(p.detach().lerp(p_ema, beta))
-            for b_ema, b in zip(self.G_ema.buffers(), self.G.buffers()):
-                b_ema.copy_(b)
+        update_ema(self.G_ema, self.G, cfg.batch, self.images_seen, cfg.ema_kimg, cfg.ema_rampup)
 
     # ---- checkpoints, samples, export ----------------------------------------------------------------------
 
@@ -376,9 +362,7 @@ class Head3DTrainer:
 
     def save(self, run_dir: str | Path, compact: bool = True) -> None:
         """Write the checkpoint into `run_dir` (compact: float16 copies, bfloat16 moments)."""
-        extra = {"config": dataclasses.asdict(self.config), "augment_p": self.ada.p,
-                 "ada_sign_sum": float(self.ada._sign_sum), "ada_count": self.ada._count,
-                 "kimg": self.images_seen / 1000}
+        extra = {"config": dataclasses.asdict(self.config), **self.ada.state(), "kimg": self.images_seen / 1000}
         half = torch.float16 if compact else None
         save_checkpoint(run_dir, self.step_count, {"G": self.G, "D": self.D, "G_ema": self.G_ema},
                         {"G": self.opt_G, "D": self.opt_D}, extra,
@@ -393,8 +377,7 @@ class Head3DTrainer:
         if restored is None:
             return False
         self.step_count, extra = restored
-        self.ada.p = extra["augment_p"]
-        self.ada._sign_sum, self.ada._count = extra["ada_sign_sum"], extra["ada_count"]
+        self.ada.load_state(extra)
         return True
 
     @torch.no_grad()
@@ -460,10 +443,8 @@ def _model_card(trainer: Head3DTrainer, log: dict | None) -> str:
 
 def read_run_config(run_dir: str | Path) -> Head3DConfig | None:
     """The Head3DConfig stored in a run folder's checkpoint, or None."""
-    state_path = Path(run_dir) / STATE_FILE
-    if not state_path.exists():
-        return None
-    return Head3DConfig(**json.loads(state_path.read_text())["extra"]["config"])
+    stored = stored_config(run_dir)
+    return None if stored is None else Head3DConfig(**stored)
 
 
 
@@ -497,10 +478,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
+    configure_device(device)
     deadline = Deadline(max(args.minutes * 60, args.reserve_s + 1), args.reserve_s)
     run_dir = Path(args.run)
     config = read_run_config(run_dir)

@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from core.nets import CONFIG_FILE, WEIGHTS_FILE, load_generator
 from core.nets.camera import camera_label
 from core.nets.encoders import Head3DEncoder, head3d_encoder_config
-from training.resumable import STATE_FILE, Deadline, load_checkpoint, save_checkpoint
+from training.resumable import Deadline, load_checkpoint, save_checkpoint, stored_config
 from training.train_encoder import LOG_FILE, train
 
 CARD_FILE = "README.md"
@@ -222,15 +222,13 @@ def model_card(trainer: Head3DEncoderTrainer, log: dict | None) -> str:
 
 def read_run_config(run_dir: str | Path) -> Head3DEncoderConfig | None:
     """The config stored in a run folder's checkpoint, or None."""
-    state_path = Path(run_dir) / STATE_FILE
-    if not state_path.exists():
-        return None
-    return Head3DEncoderConfig(**json.loads(state_path.read_text())["extra"]["config"])
+    stored = stored_config(run_dir)
+    return None if stored is None else Head3DEncoderConfig(**stored)
 
 
 def main(argv: list[str] | None = None) -> None:
     from core.beauty import load_identity_encoder
-    from training.train_stylegan2 import images_from_archive
+    from training.train_stylegan2 import configure_device, images_from_archive
 
     defaults = Head3DEncoderConfig()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -253,9 +251,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    configure_device(device, benchmark=False)
     deadline = Deadline(max(args.minutes * 60, args.reserve_s + 1), args.reserve_s)
     config = read_run_config(args.run)
     if config is None:

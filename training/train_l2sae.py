@@ -42,7 +42,8 @@ from core.nets import CONFIG_FILE, WEIGHTS_FILE
 from core.nets.l2sae import DATASET_REGIONS, L2SAE, L2SAEConfig, parameter_count
 from training.augment import AdaptiveProbability, augment, parse_operations
 from training.discriminator import Discriminator
-from training.resumable import STATE_FILE, Deadline, load_checkpoint, save_checkpoint
+from training.resumable import Deadline, load_checkpoint, save_checkpoint, stored_config
+from training.train_stylegan2 import configure_device, nan_to_num_grads
 
 LOG_FILE = "log.jsonl"
 SAMPLES_FILE = "samples.png"
@@ -114,12 +115,6 @@ def crops_from_archive(path: str | Path, split: str = "train") -> FaceCrops:
 
 def load_identity_encoder(device: torch.device) -> IdentityEncoder:
     return load_registry_identity(IDENTITY_MODEL).to(device).requires_grad_(False)
-
-
-def _nan_to_num_grads(module: torch.nn.Module) -> None:
-    for parameter in module.parameters():
-        if parameter.grad is not None:
-            torch.nan_to_num_(parameter.grad, nan=0, posinf=1e5, neginf=-1e5)
 
 
 class L2SAETrainer:
@@ -198,7 +193,7 @@ class L2SAETrainer:
             stats["identity_cos"] = similarity.mean()
             loss = loss + cfg.identity_weight * (1 - similarity).mean()
         loss.backward()
-        _nan_to_num_grads(self.model)
+        nan_to_num_grads(self.model)
         self.opt.step()
 
         self.model.requires_grad_(False)
@@ -216,7 +211,7 @@ class L2SAETrainer:
             loss_D = loss_D + r1_penalty * (cfg.r1_gamma / 2 * cfg.r1_interval)
             stats["r1_penalty"] = r1_penalty.detach()
         loss_D.backward()
-        _nan_to_num_grads(self.D)
+        nan_to_num_grads(self.D)
         self.opt_D.step()
         self.ada.observe(real_logits)
 
@@ -234,8 +229,7 @@ class L2SAETrainer:
     def save(self, run_dir: str | Path) -> None:
         """Write the compact checkpoint into `run_dir` (float16 modules, bfloat16 moments), keeping log and samples."""
         run_dir = Path(run_dir)
-        extra = {"config": dataclasses.asdict(self.config), "augment_p": self.ada.p,
-                 "ada_sign_sum": float(self.ada._sign_sum), "ada_count": self.ada._count}
+        extra = {"config": dataclasses.asdict(self.config), **self.ada.state()}
         save_checkpoint(run_dir, self.step_count, {"model": self.model, "D": self.D},
                         {"model": self.opt, "D": self.opt_D}, extra,
                         module_dtypes={"model": torch.float16, "D": torch.float16}, moment_dtype=torch.bfloat16)
@@ -246,7 +240,7 @@ class L2SAETrainer:
         if restored is None:
             return False
         self.step_count, extra = restored
-        self.ada.p, self.ada._sign_sum, self.ada._count = extra["augment_p"], extra["ada_sign_sum"], extra["ada_count"]
+        self.ada.load_state(extra)
         return True
 
     @torch.no_grad()
@@ -314,10 +308,8 @@ def _model_card(trainer: L2SAETrainer, log: dict | None) -> str:
 
 def read_run_config(run_dir: str | Path) -> TrainConfig | None:
     """The TrainConfig stored in a run folder's checkpoint, or None."""
-    state_path = Path(run_dir) / STATE_FILE
-    if not state_path.exists():
-        return None
-    return TrainConfig(**json.loads(state_path.read_text())["extra"]["config"])
+    stored = stored_config(run_dir)
+    return None if stored is None else TrainConfig(**stored)
 
 
 def train(trainer: L2SAETrainer, run_dir: str | Path, deadline: Deadline, max_steps: int | None = None,
@@ -371,10 +363,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
+    configure_device(device)
     deadline = Deadline(max(args.minutes * 60, args.reserve_s + 1), args.reserve_s)
     config = read_run_config(args.run)
     if config is None:

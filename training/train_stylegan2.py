@@ -39,7 +39,7 @@ from core.nets import CONFIG_FILE, WEIGHTS_FILE
 from core.nets.stylegan2 import Generator
 from training.augment import AdaptiveProbability, augment, parse_operations
 from training.discriminator import Discriminator
-from training.resumable import STATE_FILE, Deadline, load_checkpoint, save_checkpoint
+from training.resumable import Deadline, load_checkpoint, save_checkpoint, stored_config
 
 LOG_FILE = "log.jsonl"
 SAMPLES_FILE = "samples.png"
@@ -154,7 +154,23 @@ def images_from_archive(path: str | Path, split: str | None = "train", label_key
     return TrainingImages(images, labels, mirrored)
 
 
-def _nan_to_num_grads(module: torch.nn.Module) -> None:
+def update_ema(G_ema: torch.nn.Module, G: torch.nn.Module, batch: int, images_seen: int, ema_kimg: float,
+               ema_rampup: float | None) -> None:
+    """StyleGAN2-ADA's G_ema step: half-life `ema_kimg` (shortened to `images_seen * ema_rampup` early on); buffers
+    are copied."""
+    ema_images = ema_kimg * 1000
+    if ema_rampup is not None:
+        ema_images = min(ema_images, images_seen * ema_rampup)
+    beta = 0.5 ** (batch / max(ema_images, 1e-8))
+    with torch.no_grad():
+        for p_ema, p in zip(G_ema.parameters(), G.parameters()):
+            p_ema.copy_(p.detach().lerp(p_ema, beta))
+        for b_ema, b in zip(G_ema.buffers(), G.buffers()):
+            b_ema.copy_(b)
+
+
+def nan_to_num_grads(module: torch.nn.Module) -> None:
+    """Replace non-finite gradients (float16 overflow) in place, as the official trainer does."""
     for parameter in module.parameters():
         if parameter.grad is not None:
             torch.nan_to_num_(parameter.grad, nan=0, posinf=1e5, neginf=-1e5)
@@ -244,7 +260,7 @@ class StyleGAN2Trainer:
         stats["loss_G"] = loss_G.detach()
         if cfg.pl_weight > 0 and self.step_count % cfg.pl_interval == 0:
             stats["pl_penalty"] = self._path_length_backward()
-        _nan_to_num_grads(self.G)
+        nan_to_num_grads(self.G)
         self.opt_G.step()
 
         # Discriminator: logistic loss on fakes and reals, lazy R1 on the (unaugmented) reals.
@@ -266,7 +282,7 @@ class StyleGAN2Trainer:
             loss_D = loss_D + r1_penalty * (cfg.r1_gamma / 2 * cfg.r1_interval)
             stats["r1_penalty"] = r1_penalty.detach()
         loss_D.backward()
-        _nan_to_num_grads(self.D)
+        nan_to_num_grads(self.D)
         self.opt_D.step()
         self.ada.observe(real_logits)
         stats["real_logits"] = real_logits.detach().mean()
@@ -299,15 +315,7 @@ class StyleGAN2Trainer:
 
     def _update_ema(self) -> None:
         cfg = self.config
-        ema_images = cfg.ema_kimg * 1000
-        if cfg.ema_rampup is not None:
-            ema_images = min(ema_images, self.images_seen * cfg.ema_rampup)
-        beta = 0.5 ** (cfg.batch / max(ema_images, 1e-8))
-        with torch.no_grad():
-            for p_ema, p in zip(self.G_ema.parameters(), self.G.parameters()):
-                p_ema.copy_(p.detach().lerp(p_ema, beta))
-            for b_ema, b in zip(self.G_ema.buffers(), self.G.buffers()):
-                b_ema.copy_(b)
+        update_ema(self.G_ema, self.G, cfg.batch, self.images_seen, cfg.ema_kimg, cfg.ema_rampup)
 
     # ---- checkpoints, samples, export ----------------------------------------------------------------------
 
@@ -317,9 +325,8 @@ class StyleGAN2Trainer:
 
     def save(self, run_dir: str | Path, compact: bool = True) -> None:
         """Write the checkpoint into `run_dir` (see the module docstring for `compact`)."""
-        sign_sum = self.ada._sign_sum
-        extra = {"config": dataclasses.asdict(self.config), "augment_p": self.ada.p, "pl_mean": self.pl_mean,
-                 "ada_sign_sum": float(sign_sum), "ada_count": self.ada._count, "kimg": self.images_seen / 1000}
+        extra = {"config": dataclasses.asdict(self.config), **self.ada.state(), "pl_mean": self.pl_mean,
+                 "kimg": self.images_seen / 1000}
         half = torch.float16 if compact else None
         save_checkpoint(run_dir, self.step_count, {"G": self.G, "D": self.D, "G_ema": self.G_ema},
                         {"G": self.opt_G, "D": self.opt_D}, extra,
@@ -334,8 +341,7 @@ class StyleGAN2Trainer:
         if restored is None:
             return False
         self.step_count, extra = restored
-        self.ada.p = extra["augment_p"]
-        self.ada._sign_sum, self.ada._count = extra["ada_sign_sum"], extra["ada_count"]
+        self.ada.load_state(extra)
         self.pl_mean = extra["pl_mean"]
         return True
 
@@ -397,10 +403,8 @@ def _model_card(trainer: StyleGAN2Trainer, log: dict | None) -> str:
 
 def read_run_config(run_dir: str | Path) -> TrainConfig | None:
     """The TrainConfig stored in a run folder's checkpoint, or None."""
-    state_path = Path(run_dir) / STATE_FILE
-    if not state_path.exists():
-        return None
-    return TrainConfig(**json.loads(state_path.read_text())["extra"]["config"])
+    stored = stored_config(run_dir)
+    return None if stored is None else TrainConfig(**stored)
 
 
 def train(trainer, run_dir: str | Path, deadline: Deadline, max_steps: int | None = None,
@@ -443,11 +447,12 @@ def train(trainer, run_dir: str | Path, deadline: Deadline, max_steps: int | Non
     return record
 
 
-def _configure_device(device: torch.device) -> None:
+def configure_device(device: torch.device, benchmark: bool = True) -> None:
+    """On CUDA: TF32 matmuls and convolutions, and cuDNN autotuning unless `benchmark` is False."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = benchmark
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -481,7 +486,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
-    _configure_device(device)
+    configure_device(device)
     deadline = Deadline(max(args.minutes * 60, args.reserve_s + 1), args.reserve_s)
     config = read_run_config(args.run)
     if config is None:

@@ -40,10 +40,10 @@ import torch.nn.functional as F
 
 from core.nets import CONFIG_FILE
 from core.nets.face3dmm_estimator import WEIGHTS_FILE, Face3DMMEstimator, load_face3dmm_estimator, parameter_groups
-from training.resumable import STATE_FILE, Deadline
+from training.resumable import Deadline, stored_config
 from training.train_face3dmm_estimator import grouped_loss
 from training.train_stylegan2 import (CARD_FILE, LOG_FILE, StyleGAN2Trainer, TrainConfig, TrainingImages,
-                                      _configure_device, _nan_to_num_grads, images_from_archive, train)
+                                      configure_device, nan_to_num_grads, images_from_archive, train)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ESTIMATOR = "weights/face3dmm_estimator"  # relative: the run folder moves between machines
@@ -170,7 +170,7 @@ class TaxFreeTrainer(StyleGAN2Trainer):
             losses = self._conditioning_losses(cfg.batch)
             total = cfg.consistency_weight * losses["consistency"] + cfg.render_weight * losses.get("render", 0)
             (total * cfg.consistency_interval).backward()
-            _nan_to_num_grads(self.G)
+            nan_to_num_grads(self.G)
             self.opt_G.step()
             stats.update({f"loss_{name}": value.detach() for name, value in losses.items()})
         stats.update(super().step())
@@ -228,10 +228,8 @@ def _model_card(trainer: TaxFreeTrainer, log: dict | None) -> str:
 
 def read_taxfree_config(run_dir: str | Path) -> TaxFreeConfig | None:
     """The TaxFreeConfig stored in a run folder's checkpoint, or None."""
-    state_path = Path(run_dir) / STATE_FILE
-    if not state_path.exists():
-        return None
-    return TaxFreeConfig(**json.loads(state_path.read_text())["extra"]["config"])
+    stored = stored_config(run_dir)
+    return None if stored is None else TaxFreeConfig(**stored)
 
 
 def _parse_overrides(pairs: list[str]) -> dict:
@@ -274,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
-    _configure_device(device)
+    configure_device(device)
     deadline = Deadline(max(args.minutes * 60, args.reserve_s + 1), args.reserve_s)
     config = read_taxfree_config(args.run)
     if config is None:
