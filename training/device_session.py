@@ -35,6 +35,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from training.resumable import last_log_record
+
 CARRY_LIMIT_BYTES = 64 * 2**20  # working tree + carried paths, per call
 CARRY_MAX_PATHS = 8
 RETURN_MAX_FILES = 8
@@ -105,12 +107,9 @@ def gpu_usage() -> str:
 
 
 def last_log_line(run: Path) -> str:
-    """The last line of the run's `log.jsonl` ('' if none)."""
-    log = run / "log.jsonl"
-    if not log.is_file():
-        return ""
-    lines = log.read_text().strip().splitlines()
-    return lines[-1] if lines else ""
+    """The run's last log record as a JSON line ('' if none)."""
+    record = last_log_record(run)
+    return json.dumps(record) if record else ""
 
 
 def _stop(process: subprocess.Popen) -> None:

@@ -34,10 +34,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from core.nets import CONFIG_FILE, WEIGHTS_FILE
-from training.resumable import Deadline, load_checkpoint, save_checkpoint, stored_config
+from training.resumable import LOG_FILE, Deadline, last_log_record, load_checkpoint, save_checkpoint, stored_config
 from training.style_filters import stylize
 
-LOG_FILE = "log.jsonl"
 SAMPLES_FILE = "samples.png"
 CARD_FILE = "README.md"
 PHOTO, STYLE = 0, 1
@@ -430,10 +429,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.minutes > 0:
         record = train(trainer, run_dir, deadline, max_steps=args.steps, log_every=args.log_every)
     if args.export:
-        log_path = run_dir / LOG_FILE
-        if record is None and log_path.exists():
-            lines = log_path.read_text().splitlines()
-            record = json.loads(lines[-1]) if lines else None
+        if record is None:
+            record = last_log_record(run_dir)
         save_teacher(trainer.ema, args.export, _model_card(trainer, record))
         print(f"exported the EMA teacher to {args.export}", flush=True)
 

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 MAX_SHARD_BYTES = 15 * 2**20
 STATE_FILE = "state.json"
+LOG_FILE = "log.jsonl"  # one JSON record per logged step, beside the checkpoint
 
 
 class Deadline:
@@ -178,3 +179,10 @@ def stored_config(run_dir: str | Path) -> dict[str, Any] | None:
     if not state_path.exists():
         return None
     return json.loads(state_path.read_text())["extra"]["config"]
+
+
+def last_log_record(run_dir: str | Path) -> dict[str, Any] | None:
+    """The last record of the run folder's `log.jsonl`, or None when nothing was logged."""
+    log = Path(run_dir) / LOG_FILE
+    lines = log.read_text().splitlines() if log.exists() else []
+    return json.loads(lines[-1]) if lines else None

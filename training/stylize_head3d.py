@@ -47,9 +47,8 @@ from core.nets.camera import camera_label
 from core.nets.style_delta import make_style_delta, save_style_delta
 from core.nets.triplane import TriPlaneGenerator
 from training.diffusion_teacher import PHOTO, STYLE, DiffusionTeacher, canny_edges, load_teacher
-from training.resumable import Deadline, load_checkpoint, save_checkpoint, stored_config
+from training.resumable import LOG_FILE, Deadline, last_log_record, load_checkpoint, save_checkpoint, stored_config
 
-LOG_FILE = "log.jsonl"
 SAMPLES_FILE = "samples.png"
 CARD_FILE = "README.md"
 GRID_VIEWS = 4
@@ -403,10 +402,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.minutes > 0:
         record = train(trainer, run_dir, deadline, max_steps=args.steps, log_every=args.log_every)
     if args.export:
-        log_path = run_dir / LOG_FILE
-        if record is None and log_path.exists():
-            lines = log_path.read_text().splitlines()
-            record = json.loads(lines[-1]) if lines else None
+        if record is None:
+            record = last_log_record(run_dir)
         metrics = {} if args.no_eval else trainer.evaluate()
         trainer.export(args.export, record, metrics)
         print(f"exported the {config.style} delta to {args.export}: {json.dumps(metrics)}", flush=True)

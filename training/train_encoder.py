@@ -30,9 +30,8 @@ from safetensors.torch import save_file
 
 from core.nets import CONFIG_FILE, WEIGHTS_FILE, load_generator
 from core.nets.encoders import StyleEncoder, style_encoder_config
-from training.resumable import Deadline, load_checkpoint, save_checkpoint, stored_config
+from training.resumable import LOG_FILE, Deadline, last_log_record, load_checkpoint, save_checkpoint, stored_config
 
-LOG_FILE = "log.jsonl"
 CARD_FILE = "README.md"
 
 
@@ -269,10 +268,8 @@ def main(argv: list[str] | None = None) -> None:
     if images is not None:
         record = train(trainer, args.run, deadline, max_steps=args.steps, log_every=args.log_every)
     if args.export:
-        log_path = Path(args.run) / LOG_FILE
-        if record is None and log_path.exists():
-            lines = log_path.read_text().splitlines()
-            record = json.loads(lines[-1]) if lines else None
+        if record is None:
+            record = last_log_record(Path(args.run))
         trainer.export(args.export, record)
         print(f"exported the encoder to {args.export}", flush=True)
 

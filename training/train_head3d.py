@@ -49,8 +49,8 @@ from core.nets.camera import camera_label
 from core.nets.triplane import TriPlaneGenerator
 from training.augment import AdaptiveProbability, augment, parse_operations
 from training.discriminator import Discriminator
-from training.resumable import Deadline, load_checkpoint, save_checkpoint, stored_config
-from training.train_stylegan2 import LOG_FILE, configure_device, nan_to_num_grads, train, update_ema
+from training.resumable import Deadline, last_log_record, load_checkpoint, save_checkpoint, stored_config
+from training.train_stylegan2 import add_config_options, configure_device, nan_to_num_grads, train, update_ema
 
 PRIOR_FILE = "geometry_prior.npz"
 CARD_FILE = "README.md"
@@ -463,18 +463,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--exact-checkpoint", action="store_true", help="store float32 weights and moments")
     parser.add_argument("--export", help="write G_ema in the bundled format here at the end")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    for field in dataclasses.fields(Head3DConfig):
-        if field.name in ("data", "split", "resolution"):
-            continue
-        option = "--" + field.name.replace("_", "-")
-        if field.type == "bool":
-            parser.add_argument(option, type=lambda s: s.lower() in ("1", "true", "yes"), default=field.default)
-        elif field.type in ("int", "float", "str"):
-            parser.add_argument(option, type={"int": int, "float": float, "str": str}[field.type],
-                                default=field.default)
-        else:  # optional floats: "none" disables
-            parser.add_argument(option, type=lambda s: None if s.lower() == "none" else float(s),
-                                default=field.default)
+    add_config_options(parser, Head3DConfig, skip=("data", "split", "resolution"))
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -503,10 +492,8 @@ def main(argv: list[str] | None = None) -> None:
         record = train(trainer, run_dir, deadline, max_steps=args.steps, max_kimg=args.kimg,
                        log_every=args.log_every, compact=not args.exact_checkpoint)
     if args.export:
-        log_path = run_dir / LOG_FILE
-        if record is None and log_path.exists():
-            lines = log_path.read_text().splitlines()
-            record = json.loads(lines[-1]) if lines else None
+        if record is None:
+            record = last_log_record(run_dir)
         trainer.export(args.export, record)
         print(f"exported G_ema to {args.export}", flush=True)
 

@@ -33,8 +33,8 @@ from safetensors.torch import save_file
 from core.nets import CONFIG_FILE, WEIGHTS_FILE, load_generator
 from core.nets.camera import camera_label
 from core.nets.encoders import Head3DEncoder, head3d_encoder_config
-from training.resumable import Deadline, load_checkpoint, save_checkpoint, stored_config
-from training.train_encoder import LOG_FILE, train
+from training.resumable import Deadline, last_log_record, load_checkpoint, save_checkpoint, stored_config
+from training.train_encoder import train
 
 CARD_FILE = "README.md"
 
@@ -274,10 +274,8 @@ def main(argv: list[str] | None = None) -> None:
     if data is not None:
         record = train(trainer, args.run, deadline, max_steps=args.steps, log_every=args.log_every)
     if args.export:
-        log_path = Path(args.run) / LOG_FILE
-        if record is None and log_path.exists():
-            lines = log_path.read_text().splitlines()
-            record = json.loads(lines[-1]) if lines else None
+        if record is None:
+            record = last_log_record(Path(args.run))
         trainer.export(args.export, record)
         print(f"exported the encoder to {args.export}", flush=True)
 

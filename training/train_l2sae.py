@@ -42,10 +42,9 @@ from core.nets import CONFIG_FILE, WEIGHTS_FILE
 from core.nets.l2sae import DATASET_REGIONS, L2SAE, L2SAEConfig, parameter_count
 from training.augment import AdaptiveProbability, augment, parse_operations
 from training.discriminator import Discriminator
-from training.resumable import Deadline, load_checkpoint, save_checkpoint, stored_config
-from training.train_stylegan2 import configure_device, nan_to_num_grads
+from training.resumable import LOG_FILE, Deadline, last_log_record, load_checkpoint, save_checkpoint, stored_config
+from training.train_stylegan2 import add_config_options, configure_device, nan_to_num_grads
 
-LOG_FILE = "log.jsonl"
 SAMPLES_FILE = "samples.png"
 CARD_FILE = "README.md"
 IDENTITY_MODEL = "identity-resnet"
@@ -355,11 +354,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--export", help="write the L2SAE in the bundled format here at the end")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--model-json", default=None, help="L2SAEConfig overrides as JSON (new runs only)")
-    for item in dataclasses.fields(TrainConfig):
-        if item.name in ("model", "data", "split"):
-            continue
-        kind = {"int": int, "float": float, "str": str}[item.type]
-        parser.add_argument("--" + item.name.replace("_", "-"), type=kind, default=getattr(defaults, item.name))
+    add_config_options(parser, TrainConfig, skip=("model", "data", "split"))
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -387,10 +382,8 @@ def main(argv: list[str] | None = None) -> None:
     if data is not None:
         record = train(trainer, args.run, deadline, max_steps=args.steps, log_every=args.log_every)
     if args.export:
-        log_path = Path(args.run) / LOG_FILE
-        if record is None and log_path.exists():
-            lines = log_path.read_text().splitlines()
-            record = json.loads(lines[-1]) if lines else None
+        if record is None:
+            record = last_log_record(Path(args.run))
         trainer.export(args.export, record)
         print(f"exported the L2SAE to {args.export}", flush=True)
 

@@ -39,9 +39,8 @@ from core.nets import CONFIG_FILE, WEIGHTS_FILE
 from core.nets.stylegan2 import Generator
 from training.augment import AdaptiveProbability, augment, parse_operations
 from training.discriminator import Discriminator
-from training.resumable import Deadline, load_checkpoint, save_checkpoint, stored_config
+from training.resumable import LOG_FILE, Deadline, last_log_record, load_checkpoint, save_checkpoint, stored_config
 
-LOG_FILE = "log.jsonl"
 SAMPLES_FILE = "samples.png"
 CARD_FILE = "README.md"
 GRID_SHAPE = (4, 6)  # rows, columns of the sample grid
@@ -401,6 +400,23 @@ def _model_card(trainer: StyleGAN2Trainer, log: dict | None) -> str:
     return "\n".join(lines)
 
 
+def add_config_options(parser: argparse.ArgumentParser, config_cls: type, skip: tuple[str, ...] = ()) -> None:
+    """One `--option-name` per field of the dataclass `config_cls` (except `skip`), defaulting to the field's
+    default: bools read 1/true/yes, int/float/str fields their type, optional floats also 'none'."""
+    for field in dataclasses.fields(config_cls):
+        if field.name in skip:
+            continue
+        option = "--" + field.name.replace("_", "-")
+        if field.type == "bool":
+            parser.add_argument(option, type=lambda s: s.lower() in ("1", "true", "yes"), default=field.default)
+        elif field.type in ("int", "float", "str"):
+            parser.add_argument(option, type={"int": int, "float": float, "str": str}[field.type],
+                                default=field.default)
+        else:  # optional floats: "none" disables
+            parser.add_argument(option, type=lambda s: None if s.lower() == "none" else float(s),
+                                default=field.default)
+
+
 def read_run_config(run_dir: str | Path) -> TrainConfig | None:
     """The TrainConfig stored in a run folder's checkpoint, or None."""
     stored = stored_config(run_dir)
@@ -471,18 +487,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="store float32 weights and moments (bigger; resumes bit-exactly)")
     parser.add_argument("--export", help="write G_ema in the bundled format here at the end")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    for field in dataclasses.fields(TrainConfig):
-        if field.name in ("data", "split", "label_key", "c_dim", "resolution"):
-            continue
-        option = "--" + field.name.replace("_", "-")
-        if field.type == "bool":
-            parser.add_argument(option, type=lambda s: s.lower() in ("1", "true", "yes"), default=field.default)
-        elif field.type in ("int", "float", "str"):
-            parser.add_argument(option, type={"int": int, "float": float, "str": str}[field.type],
-                                default=field.default)
-        else:  # optional floats: "none" disables
-            parser.add_argument(option, type=lambda s: None if s.lower() == "none" else float(s),
-                                default=field.default)
+    add_config_options(parser, TrainConfig, skip=("data", "split", "label_key", "c_dim", "resolution"))
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -510,10 +515,8 @@ def main(argv: list[str] | None = None) -> None:
         record = train(trainer, args.run, deadline, max_steps=args.steps, max_kimg=args.kimg,
                        log_every=args.log_every, compact=not args.exact_checkpoint)
     if args.export:
-        log_path = Path(args.run) / LOG_FILE
-        if record is None and log_path.exists():
-            lines = log_path.read_text().splitlines()
-            record = json.loads(lines[-1]) if lines else None
+        if record is None:
+            record = last_log_record(Path(args.run))
         trainer.export(args.export, record)
         print(f"exported G_ema to {args.export}", flush=True)
 

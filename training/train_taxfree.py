@@ -40,9 +40,9 @@ import torch.nn.functional as F
 
 from core.nets import CONFIG_FILE
 from core.nets.face3dmm_estimator import WEIGHTS_FILE, Face3DMMEstimator, load_face3dmm_estimator, parameter_groups
-from training.resumable import Deadline, stored_config
+from training.resumable import Deadline, last_log_record, stored_config
 from training.train_face3dmm_estimator import grouped_loss
-from training.train_stylegan2 import (CARD_FILE, LOG_FILE, StyleGAN2Trainer, TrainConfig, TrainingImages,
+from training.train_stylegan2 import (CARD_FILE, StyleGAN2Trainer, TrainConfig, TrainingImages,
                                       configure_device, nan_to_num_grads, images_from_archive, train)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -305,10 +305,8 @@ def main(argv: list[str] | None = None) -> None:
         record = train(trainer, args.run, deadline, max_steps=args.steps, max_kimg=args.kimg,
                        log_every=args.log_every)  # fmt: skip
     if args.export:
-        log_path = Path(args.run) / LOG_FILE
-        if record is None and log_path.exists():
-            lines = log_path.read_text().splitlines()
-            record = json.loads(lines[-1]) if lines else None
+        if record is None:
+            record = last_log_record(Path(args.run))
         trainer.export(args.export, record)
         print(f"exported G_ema to {args.export}", flush=True)
 
