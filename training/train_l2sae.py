@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,10 +41,9 @@ from core.nets import CONFIG_FILE, WEIGHTS_FILE
 from core.nets.l2sae import DATASET_REGIONS, L2SAE, L2SAEConfig, parameter_count
 from training.augment import AdaptiveProbability, augment, parse_operations
 from training.discriminator import Discriminator
-from training.resumable import LOG_FILE, Deadline, last_log_record, load_checkpoint, save_checkpoint, stored_config
-from training.train_stylegan2 import add_config_options, configure_device, nan_to_num_grads
+from training.resumable import Deadline, last_log_record, load_checkpoint, save_checkpoint, stored_config
+from training.train_stylegan2 import add_config_options, configure_device, nan_to_num_grads, train
 
-SAMPLES_FILE = "samples.png"
 CARD_FILE = "README.md"
 IDENTITY_MODEL = "identity-resnet"
 SAMPLE_COUNT = 8
@@ -225,13 +223,19 @@ class L2SAETrainer:
 
     # ---- checkpoints, samples, export ----------------------------------------------------------------------
 
-    def save(self, run_dir: str | Path) -> None:
-        """Write the compact checkpoint into `run_dir` (float16 modules, bfloat16 moments), keeping log and samples."""
-        run_dir = Path(run_dir)
+    def log_fields(self) -> dict[str, float]:
+        """Extra state for each training log line."""
+        return {"augment_p": round(self.ada.p, 5)}
+
+    def save(self, run_dir: str | Path, compact: bool = True) -> None:
+        """Write the checkpoint into `run_dir`, keeping log and samples; compact: float16 modules and bfloat16
+        moments (else float32)."""
         extra = {"config": dataclasses.asdict(self.config), **self.ada.state()}
+        half = torch.float16 if compact else None
         save_checkpoint(run_dir, self.step_count, {"model": self.model, "D": self.D},
                         {"model": self.opt, "D": self.opt_D}, extra,
-                        module_dtypes={"model": torch.float16, "D": torch.float16}, moment_dtype=torch.bfloat16)
+                        module_dtypes={"model": half, "D": half} if compact else None,
+                        moment_dtype=torch.bfloat16 if compact else None)
 
     def load(self, run_dir: str | Path) -> bool:
         """Restore from `run_dir`; False when it holds no checkpoint."""
@@ -309,37 +313,6 @@ def read_run_config(run_dir: str | Path) -> TrainConfig | None:
     """The TrainConfig stored in a run folder's checkpoint, or None."""
     stored = stored_config(run_dir)
     return None if stored is None else TrainConfig(**stored)
-
-
-def train(trainer: L2SAETrainer, run_dir: str | Path, deadline: Deadline, max_steps: int | None = None,
-          log_every: int = 100, save_every_s: float = 240.0) -> dict | None:
-    """Run steps until the deadline or `max_steps` more steps; log, save and sample. Returns the last log record."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    first_step, last_save = trainer.step_count, time.monotonic()
-    window_start, window_steps, record, sums = time.monotonic(), 0, None, {}
-    while not deadline.expired() and (max_steps is None or trainer.step_count - first_step < max_steps):
-        stats = trainer.step()
-        window_steps += 1
-        for key, value in stats.items():
-            sums[key] = sums.get(key, 0.0) + value
-        if trainer.step_count % log_every == 0:
-            seconds = time.monotonic() - window_start
-            record = {"step": trainer.step_count, "kimg": round(trainer.images_seen / 1000, 3),
-                      **{k: round(float(total) / window_steps, 5) for k, total in sums.items()},
-                      "augment_p": round(trainer.ada.p, 5),
-                      "images_per_s": round(window_steps * trainer.config.batch / max(seconds, 1e-9), 2),
-                      "elapsed_s": round(deadline.elapsed_s, 1)}
-            with open(run_dir / LOG_FILE, "a") as log:
-                log.write(json.dumps(record) + "\n")
-            print(json.dumps(record), flush=True)
-            window_start, window_steps, sums = time.monotonic(), 0, {}
-        if time.monotonic() - last_save > save_every_s:
-            trainer.save(run_dir)
-            last_save = time.monotonic()
-    trainer.save(run_dir)
-    trainer.sample_grid(run_dir / SAMPLES_FILE)
-    return record
 
 
 def main(argv: list[str] | None = None) -> None:
