@@ -33,12 +33,12 @@ NO_STYLES_NOTE = ("**Note:** no style is available for this generator yet, so on
                   "(the 'stylized' side shows the original head).")
 BUNDLED_MISSING = ("**The bundled 3D head generator is not trained yet.** `training/README.md` ('3D head generator') "
                    "has the GPU commands; pick the official PanoHead meanwhile.")
-# Render cost: methods notes §6.7 (512-px PanoHead, random weights, 2-core CPU); GLB cost: measured with the small
-# PanoHead reference config (shared/reference/panohead_small_seed0), see README "Using the official PanoHead".
+# Render cost: docs/BENCHMARKS.md (python -m core.bench: released PanoHead config, 128-px rays, random weights, 2-core
+# CPU); GLB cost: docs/BENCHMARKS_PIPELINES.md (128³ density lattice of the bundled-size generator).
 PANOHEAD_COST_NOTE = (
     "**Slow on CPU.** The official PanoHead renders 512-px images: every view twice (original and stylized), plus a "
-    "128³ density grid for the GLB. On a 2-core CPU one 512-px PanoHead render with 64-px rays took 6.2 s (random "
-    "weights) and the GLB step 6.8 s (small test config), so the default 3 views need six such renders and one GLB. "
+    "128³ density grid for the GLB. On a 2-core CPU one 512-px PanoHead render with 128-px rays took 2.5 s (random "
+    "weights), so the default 3 views need six such renders (less with fast rays) before the GLB. "
     "'Fast rays' keeps the rays at 64 px instead of the 128 px of PanoHead's final training stage."
 )
 
