@@ -6,9 +6,23 @@ import json
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from training.device_session import SESSION_LOG, Job, Plan, device_call, pack_run, run_plan, show, unpack
+from training import device_session
+from training.device_session import (
+    SESSION_LOG,
+    Job,
+    Plan,
+    RunsMissing,
+    device_call,
+    fetch,
+    main,
+    pack_run,
+    run_plan,
+    show,
+    unpack,
+)
 
 FAKE_TRAINER = textwrap.dedent("""
     import argparse, json, os, time
@@ -21,6 +35,8 @@ FAKE_TRAINER = textwrap.dedent("""
     args = parser.parse_args()
     run = Path(args.run)
     (run / "started").write_text(str(time.time()))
+    (run / "state.json").write_text("{}")
+    (run / "samples.png").write_bytes(b"png")
     steps = len((run / "log.jsonl").read_text().splitlines()) if (run / "log.jsonl").exists() else 0
     time.sleep(1.0)
     if args.mode == "hang":
@@ -53,7 +69,7 @@ def test_jobs_run_at_once_and_come_back_as_tars(tmp_path, trainer):
     record = json.loads((runs / "alpha" / "log.jsonl").read_text())
     assert record["minutes"] == 1 and record["reserve_s"] == 5 and int(record["threads"]) >= 1
     assert record["flag"] == "on"
-    assert sorted(p.name for p in out.iterdir()) == ["alpha.tar", "beta.tar", SESSION_LOG]
+    assert sorted(p.name for p in out.iterdir()) == ["alpha.tar.gz", "beta.tar.gz", SESSION_LOG]
     log = (out / SESSION_LOG).read_text()
     assert "alpha: rc 0" in log and "beta: rc 3" in log and '"step": 1' in log
 
@@ -74,19 +90,19 @@ def test_a_job_past_its_deadline_is_stopped_and_still_returned(tmp_path, trainer
     codes = run_plan(plan, out, runs, grace_s=1.0, monitor_interval_s=0.5)
     assert codes["fine"] == 0 and codes["stuck"] != 0
     assert "stuck still running past its deadline" in (out / SESSION_LOG).read_text()
-    assert (out / "stuck.tar").is_file() and not (runs / "stuck" / "finished").exists()
+    assert (out / "stuck.tar.gz").is_file() and not (runs / "stuck" / "finished").exists()
 
 
 def test_large_runs_come_back_in_parts(tmp_path):
     run = tmp_path / "runs" / "big"
     run.mkdir(parents=True)
-    payload = bytes(range(256)) * 400
+    payload = np.random.default_rng(0).bytes(100_000)  # incompressible, like float16 mantissas
     (run / "tensors.safetensors").write_bytes(payload)
     out = tmp_path / "out"
     out.mkdir()
     parts = pack_run(run, out, part_bytes=40_000)
     assert len(parts) >= 3 and all(p.stat().st_size <= 40_000 for p in parts)
-    assert not (out / "big.tar").exists()
+    assert not (out / "big.tar.gz").exists()
     assert unpack(out, tmp_path / "restored") == ["big"]
     assert (tmp_path / "restored" / "big" / "tensors.safetensors").read_bytes() == payload
 
@@ -129,3 +145,59 @@ def test_show_reports_problems(tmp_path, capsys, trainer):
     problems = show("plan.json", plan, repo=REPO, runs=tmp_path)
     assert any("missing" in p for p in problems)
     assert "device call:" in capsys.readouterr().out
+
+
+def test_warm_calls_resume_return_what_is_asked_and_fetch_the_rest(tmp_path, trainer, monkeypatch):
+    runs = tmp_path / "runs"
+    plan = Plan([Job("alpha", [trainer]), Job("beta", [trainer])], minutes=1, reserve_s=5)
+    with pytest.raises(RunsMissing, match="alpha, beta"):  # a fresh machine: nothing starts from scratch
+        run_plan(plan, tmp_path / "refused", runs, resume_only=True, monitor_interval_s=0.2)
+    assert not (runs / "alpha" / "started").exists()
+    assert main(["run", str(_plan_file(tmp_path, plan)), "--out", str(tmp_path / "refused2"), "--runs", str(runs),
+                 "--resume-only"]) == 2
+
+    run_plan(plan, tmp_path / "first", runs, returned=[], monitor_interval_s=0.2)
+    first = sorted(p.name for p in (tmp_path / "first").iterdir())
+    assert first == ["alpha.samples.png", "beta.samples.png", SESSION_LOG]  # progress only: the runs stay here
+    assert "on this machine only (until it is given back): alpha, beta" in (tmp_path / "first" / SESSION_LOG).read_text()
+
+    codes = run_plan(plan, tmp_path / "second", runs, returned=["beta"], resume_only=True, monitor_interval_s=0.2)
+    assert codes == {"alpha": 0, "beta": 0}
+    assert sorted(p.name for p in (tmp_path / "second").iterdir()) == ["alpha.samples.png", "beta.tar.gz", SESSION_LOG]
+    assert "resume alpha" in (tmp_path / "second" / SESSION_LOG).read_text()
+
+    assert fetch(plan, tmp_path / "fetched", runs, ["alpha"]) == ["alpha"]
+    assert unpack(tmp_path / "fetched", tmp_path / "here") == ["alpha"]
+    assert len((tmp_path / "here" / "alpha" / "log.jsonl").read_text().splitlines()) == 2  # both calls trained it
+    with pytest.raises(ValueError, match="not runs of this plan: gamma"):
+        fetch(plan, tmp_path / "bad", runs, ["gamma"])
+
+
+def test_runs_that_do_not_fit_what_comes_back_stay_on_the_machine(tmp_path, monkeypatch):
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    for name, size in (("small", 1000), ("large", 60_000), ("medium", 20_000)):
+        (runs / name).mkdir(parents=True)
+        (runs / name / "tensors.safetensors").write_bytes(np.random.default_rng(0).bytes(size))
+    monkeypatch.setattr(device_session, "RETURN_MAX_BYTES", 2**20 + 40_000)  # 40 kB left beside session.log
+    plan = Plan([Job(name, ["x"]) for name in ("small", "large", "medium")])
+    assert fetch(plan, out, runs) == ["small", "medium"]
+    assert sorted(p.name for p in out.iterdir()) == ["medium.tar.gz", SESSION_LOG, "small.tar.gz"]
+    assert "large: 0.1 MiB does not fit what comes back: kept on this machine" in (out / SESSION_LOG).read_text()
+
+
+def test_warm_device_call_carries_nothing_and_refuses_fresh_starts(tmp_path):
+    plan = Plan([Job("alpha", ["x"]), Job("beta", ["x"])], carry=["datasets/faces/faces128.npz"])
+    (tmp_path / "alpha").mkdir()
+    cold = device_call("plan.json", plan, tmp_path)
+    assert cold["carry"] == ["datasets/faces/faces128.npz", str(tmp_path / "alpha")]
+    assert "--resume-only" not in cold["command"] and "--return" not in cold["command"]
+    warm = device_call("plan.json", plan, tmp_path, warm=True, returned=["beta"])
+    assert warm["carry"] == [] and warm["command"].endswith("--resume-only --return beta")
+    assert device_call("plan.json", plan, tmp_path, returned=[])["command"].endswith("--return")
+
+
+def _plan_file(tmp_path, plan: Plan) -> Path:
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps({"minutes": plan.minutes, "reserve_s": plan.reserve_s,
+                                "jobs": [{"name": job.name, "argv": job.argv} for job in plan.jobs]}))
+    return path
