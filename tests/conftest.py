@@ -51,3 +51,11 @@ def all_tabs_url(tmp_path_factory):
         _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True, **LAUNCH_OPTIONS)
         yield url
         demo.close()
+
+
+@pytest.fixture(autouse=os.environ.get("FACE_SUITE_FP16_ON_CPU") == "1")
+def fp16_on_cpu(monkeypatch):
+    """fp16 blocks compute in float16 on CPU as they do on CUDA (all tests with FACE_SUITE_FP16_ON_CPU=1)."""
+    from core.nets import stylegan2
+
+    monkeypatch.setattr(stylegan2, "FP16_DEVICE_TYPES", frozenset({"cuda", "cpu"}))

@@ -27,11 +27,14 @@ from core.nets.ops import (
 )
 
 NOISE_MODES = ("random", "const", "none")
+# Device types on which fp16 blocks compute in float16. Only CUDA in use; tests add "cpu" to run the mixed-precision
+# paths of the networks and trainers on a machine without a GPU.
+FP16_DEVICE_TYPES = frozenset({"cuda"})
 
 
 def block_dtype(use_fp16: bool, force_fp32: bool, device: torch.device) -> torch.dtype:
     """float16 for an fp16 block on CUDA unless `force_fp32`; float32 otherwise."""
-    if use_fp16 and not force_fp32 and torch.device(device).type == "cuda":
+    if use_fp16 and not force_fp32 and torch.device(device).type in FP16_DEVICE_TYPES:
         return torch.float16
     return torch.float32
 

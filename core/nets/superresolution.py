@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from core.nets.ops import setup_filter
-from core.nets.stylegan2 import SynthesisBlock, SynthesisLayer, ToRGBLayer
+from core.nets.stylegan2 import SynthesisBlock, SynthesisLayer, ToRGBLayer, block_dtype
 
 SR_W_DIM = 512  # hard-coded in the official modules
 
@@ -67,9 +67,7 @@ class SynthesisBlockNoUp(torch.nn.Module):
 
     def forward(self, x, img, ws, force_fp32=False, fused_modconv=None, **layer_kwargs):
         """(features, image) -> (features, image + ToRGB(features)); ws is [N, 3, w_dim]."""
-        if ws.device.type != "cuda":
-            force_fp32 = True
-        dtype = torch.float16 if self.use_fp16 and not force_fp32 else torch.float32
+        dtype = block_dtype(self.use_fp16, force_fp32, ws.device)
         if fused_modconv is None:
             fused_modconv = self.fused_modconv_default
         if fused_modconv == "inference_only":
