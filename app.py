@@ -25,11 +25,15 @@ DESCRIPTION = (
 )
 QUEUE_MAX_SIZE = int(os.environ.get("FACE_SUITE_QUEUE_SIZE", "20"))
 # Example-photo strips (`tabs.common.example_photos`): every thumbnail in one row however narrow the column (Gradio's
-# gallery cells are at least 100 px wide, so six overflowed a half-width column), below the strip's label.
+# gallery cells are at least 100 px wide, so six overflowed a half-width column), below the strip's label. Multi-view
+# galleries (`view-strip`) take the height of their rows of views instead of a fixed height.
 CSS = """
 .example-strip .grid-wrap { padding-top: var(--size-8) !important; overflow: hidden !important; }
 .example-strip .grid-container { grid-template-columns: repeat(var(--grid-cols), minmax(0, 1fr)) !important;
   grid-template-rows: none !important; grid-auto-rows: auto !important; gap: var(--spacing-sm) !important; }
+.view-strip .grid-wrap { height: auto !important; min-height: 0 !important; max-height: none !important;
+  padding-top: var(--size-8) !important; }
+.view-strip .grid-container { grid-template-rows: none !important; grid-auto-rows: auto !important; }
 """
 # How the app is served; tests launch it with the same options.
 LAUNCH_OPTIONS = {"max_file_size": MAX_UPLOAD_SIZE, "allowed_paths": [str(EXAMPLES_DIR)], "css": CSS}

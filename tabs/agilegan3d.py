@@ -77,7 +77,7 @@ def create_tab(runtime: Runtime) -> None:
             with gr.Row():
                 aligned = gr.Image(label="Input (aligned)", format="png", height=200)
                 frontal = gr.Image(label="3D inversion (frontal)", format="png", height=200)
-            stylized = gr.Gallery(label="Stylized portrait", columns=5, format="png", height=220)
+            stylized = gr.Gallery(label="Stylized portrait", columns=5, format="png", elem_classes=["view-strip"])
             mesh = gr.Model3D(label="Stylized head (GLB)", clear_color=(0.95, 0.95, 0.95, 1.0), height=300)
             info = gr.Markdown()
 

@@ -110,8 +110,8 @@ def create_tab(runtime: Runtime) -> None:
                                    visible=default == PANOHEAD.name)
             run = gr.Button("Generate", variant="primary")
         with gr.Column():
-            original = gr.Gallery(label="Original", columns=5, format="png", height=200)
-            stylized = gr.Gallery(label="Stylized", columns=5, format="png", height=200)
+            original = gr.Gallery(label="Original", columns=5, format="png", elem_classes=["view-strip"])
+            stylized = gr.Gallery(label="Stylized", columns=5, format="png", elem_classes=["view-strip"])
             mesh = gr.Model3D(label="Stylized head (GLB)", clear_color=(0.95, 0.95, 0.95, 1.0), height=300)
             similarity = gr.Dataframe(headers=["yaw (°)", "identity similarity"], label="Original vs stylized",
                                       interactive=False)
