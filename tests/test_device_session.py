@@ -194,6 +194,8 @@ def test_warm_device_call_carries_nothing_and_refuses_fresh_starts(tmp_path):
     warm = device_call("plan.json", plan, tmp_path, warm=True, returned=["beta"])
     assert warm["carry"] == [] and warm["command"].endswith("--resume-only --return beta")
     assert device_call("plan.json", plan, tmp_path, returned=[])["command"].endswith("--return")
+    partly = device_call("plan.json", plan, tmp_path, warm=True, carry=[str(tmp_path / "beta")])
+    assert partly["carry"] == [str(tmp_path / "beta")] and "--resume-only" in partly["command"]
 
 
 def _plan_file(tmp_path, plan: Plan) -> Path:

@@ -301,14 +301,13 @@ def tree_bytes(repo: Path) -> int:
 
 
 def device_call(plan_path: str, plan: Plan, runs: Path, warm: bool = False,
-                returned: list[str] | None = None) -> dict:
+                returned: list[str] | None = None, carry: list[str] | None = None) -> dict:
     """The `run` tool arguments for this plan: command, carry and timeout. A fresh machine gets the plan's data and
     the run folders that exist here; a `warm` one keeps both from the last call, so nothing is carried and the
-    command refuses to start runs from scratch."""
-    if warm:
-        carry = []
-    else:
-        carry = [*plan.carry, *(str(runs / name) for name in plan.names if (runs / name).is_dir())]
+    command refuses to start runs from scratch. `carry` replaces what is carried (e.g. the runs a warm machine
+    does not have yet)."""
+    if carry is None:
+        carry = [] if warm else [*plan.carry, *(str(runs / name) for name in plan.names if (runs / name).is_dir())]
     command = f'python3 -m training.device_session run {plan_path} --out "$OUT"'
     if warm:
         command += " --resume-only"
@@ -318,9 +317,9 @@ def device_call(plan_path: str, plan: Plan, runs: Path, warm: bool = False,
 
 
 def show(plan_path: str, plan: Plan, repo: Path = Path("."), runs: Path = Path("runs"), warm: bool = False,
-         returned: list[str] | None = None) -> list[str]:
+         returned: list[str] | None = None, carry: list[str] | None = None) -> list[str]:
     """Print what the call carries and returns against the machine's limits; returns the problems found."""
-    call = device_call(plan_path, plan, runs, warm, returned)
+    call = device_call(plan_path, plan, runs, warm, returned, carry)
     tree = tree_bytes(repo)
     carried = {path: path_bytes(repo / path) for path in call["carry"]}
     total = tree + sum(carried.values())
@@ -329,7 +328,7 @@ def show(plan_path: str, plan: Plan, repo: Path = Path("."), runs: Path = Path("
     for path, size in carried.items():
         print(f"carry {path}: {size / 2**20:.1f} MiB" + ("" if size else " (absent here: not carried)"))
     if warm:
-        print("warm machine: the data and run folders of the last call stay there; nothing else is carried")
+        print("warm machine: the data and run folders of the last calls stay there; only the above is carried")
     print(f"in: {total / 2**20:.1f} of {CARRY_LIMIT_BYTES / 2**20:.0f} MiB")
     problems = []
     if total > CARRY_LIMIT_BYTES:
@@ -376,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     show_parser.add_argument("--runs", type=Path, default=Path("runs"))
     show_parser.add_argument("--warm", action="store_true", help="the call follows another on a warm machine")
     show_parser.add_argument("--return", dest="returned", nargs="*", help=return_help)
+    show_parser.add_argument("--carry", nargs="+", help="carry exactly these paths (default: the plan's data and the "
+                             "run folders here; nothing when --warm)")
     unpack_parser = commands.add_parser("unpack", help="restore run folders from the returned tars")
     unpack_parser.add_argument("files_at", type=Path)
     unpack_parser.add_argument("--runs", type=Path, default=Path("runs"))
@@ -393,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "show":
         plan = Plan.load(args.plan)
-        return 1 if show(args.plan, plan, runs=args.runs, warm=args.warm, returned=args.returned) else 0
+        return 1 if show(args.plan, plan, runs=args.runs, warm=args.warm, returned=args.returned,
+                         carry=args.carry) else 0
     for name in unpack(args.files_at, args.runs):
         print(f"{args.runs / name}: {last_log_line(args.runs / name)}")
     return 0
