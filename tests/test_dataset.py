@@ -16,6 +16,7 @@ from core.nets.camera import camera_label
 from training.data import masks
 from training.data.archive import archive_path, load_archive, read_archive
 from training.data.build_dataset import build, perceptual_hash
+from training.data.downscale import downscale_archive
 from training.data.flip import flip_camera, flip_sample
 
 FACES = Path(__file__).resolve().parent / "fixtures" / "faces"
@@ -199,3 +200,22 @@ def test_loader_round_trip(built):
     assert item["pose"][0] == pytest.approx(-float(everything.pose[0, 0]))
     with pytest.raises(ValueError):
         load_archive(path, split="holdout")
+
+
+def test_downscaled_archive_keeps_labels_and_regions(built, tmp_path):
+    source = load_archive(archive_path(built[0], 128))
+    small = load_archive(downscale_archive(archive_path(built[0], 128), tmp_path / "faces32.npz", 32))
+    assert small.size == 32 and small.names == source.names
+    np.testing.assert_array_equal(small.face3dmm, source.face3dmm)
+    np.testing.assert_array_equal(small.camera, source.camera)
+    for i in range(len(small)):
+        image, mask = small.image(i), small.mask(i)
+        assert image.shape == (32, 32, 3) and mask.shape == (32, 32)
+        box_filtered = source.image(i).reshape(32, 4, 32, 4, 3).mean(axis=(1, 3))
+        assert np.abs(image - box_filtered).max() <= 1  # lossless: only rounding
+        assert set(np.unique(mask)) <= set(np.unique(source.mask(i)))  # nearest labels, no blends
+        assert mask[16, 16] in (masks.SKIN, masks.NOSE)
+    with pytest.raises(ValueError, match="landmark"):
+        downscale_archive(archive_path(built[0], 256), tmp_path / "faces64.npz", 64)
+    with pytest.raises(ValueError, match="larger"):
+        downscale_archive(archive_path(built[0], 128), tmp_path / "faces256.npz", 256)
