@@ -226,9 +226,20 @@ def test_evaluation_produces_numbers_for_tiny_generators(archive, estimator_dir,
     for name in ("real", "base", "taxfree"):
         assert np.isfinite(results[name]["fd_id"]) and results[name]["fd_id"] >= 0
     assert results["base"]["fd_id"] > 0 and "pose_control" not in results["base"]
+    assert results["base"]["generated_px"] == results["taxfree"]["generated_px"] == SIZE
     control = results["taxfree"]["pose_control"]
     assert 0 <= control["detected"] <= 1 and control["pairs"] <= 4  # random 16-px images: usually no face
     errors = results["taxfree"]["estimator_vs_requested"]
     assert np.isfinite(errors["yaw_mae_deg"]) and set(errors["curated_expressions"]) >= {"jawOpen", "eyeBlink_L"}
     assert "Measured metrics" in (conditional / "README.md").read_text()
     assert "| taxfree (" in (base / "README.md").read_text()
+
+
+def test_smaller_generators_are_measured_at_the_real_crops_size():
+    ramp = np.linspace(40, 200, 8).astype(np.uint8)  # smooth content: bicubic keeps the block means
+    small = np.broadcast_to(ramp[None, None, :, None], (2, 8, 8, 3)).copy()
+    reals = np.zeros((3, 32, 32, 3), np.uint8)
+    resized = eval_taxfree.resize_like(small, reals)
+    assert resized.shape == (2, 32, 32, 3) and resized.dtype == np.uint8
+    np.testing.assert_allclose(resized.reshape(2, 8, 4, 8, 4, 3).mean(axis=(2, 4)), small, atol=3)
+    assert eval_taxfree.resize_like(reals, reals) is reals

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from core.face import FaceInputError, detect_faces, estimate_pose
 from core.face3dmm import EXPRESSION_NAMES
@@ -68,6 +69,17 @@ def generate(generator: torch.nn.Module, labels: torch.Tensor | None, count: int
     c = torch.zeros([count, 0]) if labels is None else labels
     images = torch.cat([generator(z[i:i + batch], c[i:i + batch], noise_mode="const") for i in range(0, count, batch)])
     return (images * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def resize_like(images: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """`images` (uint8 [N, h, w, 3]) bicubically resized to the size of `reference`'s images: a generator smaller
+    than the archive (a CPU pilot, `training.data.downscale`) is measured like the real crops it is compared with."""
+    size = reference.shape[1:3]
+    if images.shape[1:3] == size:
+        return images
+    x = F.interpolate(torch.from_numpy(images).permute(0, 3, 1, 2).float(), size=size, mode="bicubic",
+                      align_corners=False)
+    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def conditioning_of(directory: str | Path) -> dict | None:
@@ -130,9 +142,11 @@ def evaluate(data: str | Path, generators: dict[str, str | Path], estimator_dir:
             mean, std = (torch.tensor(conditioning[key]) for key in ("mean", "std"))
             c = (torch.from_numpy(requested) - mean) / std
         images = generate(generator, c, len(keep), seed)
+        generated_px = images.shape[1]
+        images = resize_like(images, reals)
         results[name] = evaluate_images(images, None if c is None else requested, real_embeddings, real_landmarks,
                                         estimator)  # fmt: skip
-        results[name]["generator"] = str(directory)
+        results[name].update(generator=str(directory), generated_px=generated_px)
     return results
 
 
