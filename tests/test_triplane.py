@@ -299,3 +299,20 @@ def test_evaluate_where_gives_the_field_at_kept_points_and_zero_elsewhere(patter
     expected_colors, expected_densities = field(coordinates, coordinates)
     torch.testing.assert_close(colors, expected_colors * keep[..., None], rtol=0, atol=0)
     torch.testing.assert_close(densities, expected_densities * keep[..., None], rtol=0, atol=0)
+
+
+def test_depth_of_an_empty_ray_is_the_far_end_with_finite_gradients():
+    from core.nets.volume_rendering import ray_depth, ray_weights
+
+    depths = torch.linspace(2.25, 3.3, 6).reshape(1, 1, 6, 1).repeat(1, 2, 1, 1)
+    densities = torch.randn(1, 2, 6, 1)
+    densities[:, 1] = -1e3  # the second ray is side-cropped all along: no weight
+    densities.requires_grad_(True)
+    depth = ray_depth(ray_weights(densities, depths), depths)
+    assert float(depth[0, 1]) == pytest.approx(3.3)  # the official 0/0 -> inf -> clamped to the far end
+    weights = ray_weights(densities, depths)[0, 0]
+    midpoints = (depths[0, 0, :-1] + depths[0, 0, 1:]) / 2
+    assert float(depth[0, 0]) == pytest.approx(float((weights * midpoints).sum() / weights.sum()))
+    depth.sum().backward()
+    assert torch.isfinite(densities.grad).all()
+    assert densities.grad[0, 0].abs().sum() > 0 and densities.grad[0, 1].abs().sum() == 0

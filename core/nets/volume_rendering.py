@@ -141,9 +141,16 @@ def ray_weights(densities: torch.Tensor, depths: torch.Tensor) -> torch.Tensor:
 
 
 def ray_depth(weights: torch.Tensor, depths: torch.Tensor) -> torch.Tensor:
-    """`ray_march`'s depth [N, M, 1]: weighted interval midpoints, clamped to the global sample range."""
+    """`ray_march`'s depth [N, M, 1]: weighted interval midpoints, clamped to the global sample range.
+
+    A ray with no weight at all (every sample side-cropped) gets the far end, as the official 0/0 -> NaN -> inf
+    does, but without dividing by 0: that would send NaN gradients into the whole generator from any loss on depth.
+    """
     depths_mid = (depths[:, :, :-1] + depths[:, :, 1:]) / 2
-    depth = torch.sum(weights * depths_mid, dim=-2) / weights.sum(dim=2)
+    total = weights.sum(dim=2)
+    empty = total == 0
+    depth = torch.sum(weights * depths_mid, dim=-2) / torch.where(empty, torch.ones_like(total), total)
+    depth = torch.where(empty, torch.full_like(depth, float("inf")), depth)
     return torch.clamp(torch.nan_to_num(depth, float("inf")), torch.min(depths), torch.max(depths))
 
 
