@@ -82,6 +82,7 @@ def test_train_save_resume_export_load(tmp_path):
     first = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])
     for key in ("loss_G", "loss_D", "r1_penalty", "prior_opacity", "prior_depth", "prior_weight"):
         assert np.isfinite(first[key]), key
+    assert first["nonfinite_grads_G"] == first["nonfinite_grads_D"] == 0  # the prior's depth loss sends no NaN
 
     resumed = Head3DTrainer(TINY, data)
     assert resumed.load(tmp_path / "run") and resumed.step_count == 1

@@ -19,6 +19,7 @@ from training.train_stylegan2 import (
     TrainConfig,
     TrainingImages,
     images_from_dataset,
+    nan_to_num_grads,
     train,
 )
 
@@ -180,6 +181,8 @@ def test_command_line_trains_resumes_and_exports(tmp_path, monkeypatch):
             "--mbstd-group", "2", "--mirror", "false", "--ada-target", "none", "--log-every", "1", "--device", "cpu"]
     run = str(tmp_path / "run")
     trainer_module.main(["--data", "faces16.npz", "--run", run, "--steps", "2", *tiny])
+    record = json.loads((tmp_path / "run" / LOG_FILE).read_text().splitlines()[-1])
+    assert record["nonfinite_grads_G"] == record["nonfinite_grads_D"] == 0
     state = json.loads((tmp_path / "run" / "state.json").read_text())
     assert state["step"] == 2 and state["extra"]["config"]["mirror"] is False
     assert state["extra"]["config"]["ada_target"] is None and state["extra"]["config"]["resolution"] == 16
@@ -204,3 +207,13 @@ def test_base_config_checkpoint_fits_the_transfer_budget(tmp_path):
     assert sum(sizes) <= 24 * 2**20, f"{sum(sizes) / 2**20:.1f} MiB"
     restored = StyleGAN2Trainer(TrainConfig(), data=None)
     assert restored.load(tmp_path / "run")
+
+
+def test_nan_to_num_grads_reports_the_nonfinite_fraction():
+    module = torch.nn.Linear(3, 2)  # 6 weights + 2 biases
+    module.weight.grad = torch.tensor([[1.0, float("nan"), 2.0], [float("inf"), 0.0, -1.0]])
+    module.bias.grad = torch.tensor([float("-inf"), 3.0])
+    assert float(nan_to_num_grads(module)) == pytest.approx(3 / 8)
+    assert module.weight.grad.tolist() == [[1.0, 0.0, 2.0], [1e5, 0.0, -1.0]] and module.bias.grad[0] == -1e5
+    assert float(nan_to_num_grads(module)) == 0
+    assert float(nan_to_num_grads(torch.nn.Linear(2, 2))) == 0  # no gradients yet

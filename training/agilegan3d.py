@@ -273,7 +273,7 @@ class StylePriorTrainer(StyleGAN2Trainer):
             targets = _to_float(self.data.images[index])
             loss = (self.G.synthesis(self.latents[index], noise_mode="const") - targets).abs().mean()
             (loss * self.consistency_weight).backward()
-            nan_to_num_grads(self.G)
+            stats["nonfinite_grads_consistency"] = nan_to_num_grads(self.G)
             self.opt_G.step()
             self.G.requires_grad_(False)
             stats["consistency"] = loss.detach()

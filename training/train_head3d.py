@@ -316,7 +316,7 @@ class Head3DTrainer:
             loss = loss + self.prior_weight * (opacity_loss + depth_loss)
             stats["prior_opacity"], stats["prior_depth"] = opacity_loss.detach(), depth_loss.detach()
         loss.backward()
-        nan_to_num_grads(self.G)
+        stats["nonfinite_grads_G"] = nan_to_num_grads(self.G)
         self.opt_G.step()
 
         self.G.requires_grad_(False)
@@ -339,7 +339,7 @@ class Head3DTrainer:
             loss_D = loss_D + r1_penalty * (cfg.r1_gamma / 2 * cfg.r1_interval)
             stats["r1_penalty"] = r1_penalty.detach()
         loss_D.backward()
-        nan_to_num_grads(self.D)
+        stats["nonfinite_grads_D"] = nan_to_num_grads(self.D)
         self.opt_D.step()
         self.ada.observe(real_logits)
         stats["real_logits"], stats["fake_logits"] = real_logits.detach().mean(), fake_logits.detach().mean()

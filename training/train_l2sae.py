@@ -190,7 +190,7 @@ class L2SAETrainer:
             stats["identity_cos"] = similarity.mean()
             loss = loss + cfg.identity_weight * (1 - similarity).mean()
         loss.backward()
-        nan_to_num_grads(self.model)
+        stats["nonfinite_grads_G"] = nan_to_num_grads(self.model)
         self.opt.step()
 
         self.model.requires_grad_(False)
@@ -208,7 +208,7 @@ class L2SAETrainer:
             loss_D = loss_D + r1_penalty * (cfg.r1_gamma / 2 * cfg.r1_interval)
             stats["r1_penalty"] = r1_penalty.detach()
         loss_D.backward()
-        nan_to_num_grads(self.D)
+        stats["nonfinite_grads_D"] = nan_to_num_grads(self.D)
         self.opt_D.step()
         self.ada.observe(real_logits)
 

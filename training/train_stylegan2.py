@@ -168,11 +168,17 @@ def update_ema(G_ema: torch.nn.Module, G: torch.nn.Module, batch: int, images_se
             b_ema.copy_(b)
 
 
-def nan_to_num_grads(module: torch.nn.Module) -> None:
-    """Replace non-finite gradients (float16 overflow) in place, as the official trainer does."""
+def nan_to_num_grads(module: torch.nn.Module) -> torch.Tensor:
+    """Replace non-finite gradients (float16 overflow) in place, as the official trainer does. Returns the fraction
+    of gradient elements that were not finite, which the trainers log: rare float16 overflows show as a small
+    fraction, a NaN source in a loss as a steady large one (the whole update is lost where it is zeroed)."""
+    nonfinite, total = [], 0
     for parameter in module.parameters():
         if parameter.grad is not None:
+            nonfinite.append((~torch.isfinite(parameter.grad)).sum())
+            total += parameter.grad.numel()
             torch.nan_to_num_(parameter.grad, nan=0, posinf=1e5, neginf=-1e5)
+    return torch.stack(nonfinite).sum() / total if nonfinite else torch.zeros(())
 
 
 class StyleGAN2Trainer:
@@ -259,7 +265,7 @@ class StyleGAN2Trainer:
         stats["loss_G"] = loss_G.detach()
         if cfg.pl_weight > 0 and self.step_count % cfg.pl_interval == 0:
             stats["pl_penalty"] = self._path_length_backward()
-        nan_to_num_grads(self.G)
+        stats["nonfinite_grads_G"] = nan_to_num_grads(self.G)
         self.opt_G.step()
 
         # Discriminator: logistic loss on fakes and reals, lazy R1 on the (unaugmented) reals.
@@ -281,7 +287,7 @@ class StyleGAN2Trainer:
             loss_D = loss_D + r1_penalty * (cfg.r1_gamma / 2 * cfg.r1_interval)
             stats["r1_penalty"] = r1_penalty.detach()
         loss_D.backward()
-        nan_to_num_grads(self.D)
+        stats["nonfinite_grads_D"] = nan_to_num_grads(self.D)
         self.opt_D.step()
         self.ada.observe(real_logits)
         stats["real_logits"] = real_logits.detach().mean()

@@ -170,7 +170,7 @@ class TaxFreeTrainer(StyleGAN2Trainer):
             losses = self._conditioning_losses(cfg.batch)
             total = cfg.consistency_weight * losses["consistency"] + cfg.render_weight * losses.get("render", 0)
             (total * cfg.consistency_interval).backward()
-            nan_to_num_grads(self.G)
+            stats["nonfinite_grads_conditioning"] = nan_to_num_grads(self.G)
             self.opt_G.step()
             stats.update({f"loss_{name}": value.detach() for name, value in losses.items()})
         stats.update(super().step())
