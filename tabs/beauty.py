@@ -5,7 +5,8 @@ from __future__ import annotations
 import gradio as gr
 import pandas as pd
 
-from core.pipelines.beauty import BIAS_NOTE, BeautyOptimizer
+from core.pipelines.beauty import (BIAS_NOTE, DEFAULT_BUDGET, DEFAULT_IDENTITY_WEIGHT, DEFAULT_POPULATION,
+                                   DEFAULT_STRENGTH, BeautyOptimizer)
 from core.runtime import Runtime, gpu
 from core.weights import WeightsError
 from tabs.common import (FaceInputError, MAX_SEED, example_photos, photo_input, raise_user_error, randomize_seed,
@@ -51,11 +52,11 @@ def create_tab(runtime: Runtime) -> None:
             with gr.Row():
                 seed = gr.Slider(0, MAX_SEED, value=0, step=1, label="Seed (random face and CMA-ES)")
                 randomize = gr.Checkbox(value=False, label="Randomize seed")
-            budget = gr.Slider(2, 60, value=20, step=1, label="Budget (CMA-ES generations)")
-            population = gr.Slider(4, 32, value=12, step=1, label="Candidates per generation")
-            identity_weight = gr.Slider(0.0, 10.0, value=2.0, step=0.1, label="Identity weight",
+            budget = gr.Slider(2, 60, value=DEFAULT_BUDGET, step=1, label="Budget (CMA-ES generations)")
+            population = gr.Slider(4, 32, value=DEFAULT_POPULATION, step=1, label="Candidates per generation")
+            identity_weight = gr.Slider(0.0, 10.0, value=DEFAULT_IDENTITY_WEIGHT, step=0.1, label="Identity weight",
                                         info="higher keeps the person closer to the input")
-            strength = gr.Slider(0.25, 3.0, value=1.0, step=0.05, label="Strength",
+            strength = gr.Slider(0.25, 3.0, value=DEFAULT_STRENGTH, step=0.05, label="Strength",
                                  info="how far the latent may move (standard deviations)")
             run = gr.Button("Optimize", variant="primary")
         with gr.Column():

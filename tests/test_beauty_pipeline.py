@@ -17,7 +17,9 @@ from safetensors.torch import load_file, save_file
 from core.nets import CONFIG_FILE, WEIGHTS_FILE, load_generator
 from core.nets.encoders import StyleEncoder, build_style_encoder, style_encoder_config, style_layer_groups
 from core.nets.stylegan2 import Generator
-from core.pipelines.beauty import BeautyOptimizer, OptimizerSettings, principal_directions
+from core.pipelines.beauty import (DEFAULT_IDENTITY_WEIGHT, DEFAULT_STRENGTH, BeautyOptimizer, OptimizerSettings,
+                                   principal_directions)
+from training import eval_beauty
 from training.data.archive import pack_bytes, write_archive
 from training.eval_encoder import evaluate_encoder
 from training.eval_encoder import main as eval_main
@@ -277,3 +279,66 @@ def test_evaluate_encoder_scores_a_perfect_reconstruction_higher():
     average = evaluate_encoder(generator, tiny_encoder(generator), PooledIdentity(), images)
     assert perfect["count"] == 3 and perfect["psnr_db"] > 40 and perfect["identity_similarity"] > 0.999
     assert average["psnr_db"] < perfect["psnr_db"] and average["identity_similarity"] < perfect["identity_similarity"]
+
+
+# ---- evaluation of the optimiser on held-out faces -------------------------------------------------------------
+
+
+def photo_archive(path: Path, photos: list[np.ndarray]) -> Path:
+    """An archive whose test split holds `photos` (uint8 RGB of any size)."""
+    blobs = []
+    for photo in photos:
+        buffer = io.BytesIO()
+        Image.fromarray(photo).save(buffer, format="PNG")
+        blobs.append(buffer.getvalue())
+    image_data, image_offsets = pack_bytes(blobs)
+    metadata = {"size": 256, "names": [f"p{i}" for i in range(len(photos))], "splits": ["train", "test"],
+                "class_names": ["background"]}
+    return write_archive(path, {"image_data": image_data, "image_offsets": image_offsets,
+                                "split": np.ones(len(photos), np.uint8)}, metadata)
+
+
+def test_descriptor_distance_uses_the_same_person_scale():
+    from core.beauty import load_identity_encoder
+    from core.face import prepare_face
+
+    identity = load_identity_encoder("identity-resnet")
+    faces = [prepare_face(path).image for path in sorted((REPO / "tests" / "fixtures" / "faces").glob("*.jpg"))[:2]]
+    same = eval_beauty.descriptor_distance(identity, faces, faces)
+    mirrored = eval_beauty.descriptor_distance(identity, faces, [face[:, ::-1] for face in faces])
+    other = eval_beauty.descriptor_distance(identity, faces[:1], faces[1:])
+    threshold = identity.config["same_person_distance"]
+    assert np.all(same < 1e-4) and np.all(mirrored < threshold) and other[0] > threshold
+
+
+def test_beauty_evaluation_cli_reports_the_issue_targets(tmp_path):
+    generator = tiny_generator()
+    generator_dir = export_generator(tmp_path / "generator")
+    encoder, encoder_dir = tiny_encoder(generator), tmp_path / "encoder"
+    encoder_dir.mkdir()
+    save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, str(encoder_dir / WEIGHTS_FILE))
+    (encoder_dir / CONFIG_FILE).write_text(json.dumps(encoder.config))
+    (encoder_dir / "README.md").write_text("# encoder\n")
+    faces = [np.asarray(Image.open(path).convert("RGB"))
+             for path in sorted((REPO / "tests" / "fixtures" / "faces").glob("*.jpg"))[:2]]
+    archive = photo_archive(tmp_path / "photos.npz", [faces[0], np.full((200, 200, 3), 128, np.uint8), faces[1]])
+    out = tmp_path / "eval.json"
+    results = eval_beauty.main(["--generator", str(generator_dir), "--encoder", str(encoder_dir), "--data",
+                                str(archive), "--faces", "3", "--budget", "2", "--population", "4", "--out", str(out),
+                                "--card", str(encoder_dir), "--device", "cpu"])
+    summary = results["summary"]
+    assert summary["faces"] == 2 and summary["skipped"] == 1 and results["skipped"][0]["face"] == 1
+    assert summary["settings"] == {"budget": 2, "population": 4, "identity_weight": DEFAULT_IDENTITY_WEIGHT,
+                                   "strength": DEFAULT_STRENGTH}
+    rows = results["faces"]
+    assert [row["face"] for row in rows] == [0, 2]
+    for row in rows:
+        assert 1 <= row["evaluator_before"] <= 10 and 1 <= row["evaluator_after"] <= 10
+        assert row["distance_to_input"] > 0 and row["reconstruction_distance_to_input"] > 0
+    gains = [row["evaluator_after"] - row["evaluator_before"] for row in rows]
+    assert summary["evaluator_gain_mean"] == pytest.approx(np.mean(gains))
+    threshold = summary["same_person_distance"]
+    assert summary["same_person_rate"] == np.mean([row["distance_to_input"] < threshold for row in rows])
+    assert json.loads(out.read_text())["summary"] == summary
+    card = (encoder_dir / "README.md").read_text()
+    assert "Beauty optimisation on held-out faces" in card and f"{summary['evaluator_gain_mean']:+.3f}" in card

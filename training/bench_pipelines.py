@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import save_file
 
 from core.bench import machine_description
+from core.pipelines.beauty import DEFAULT_BUDGET, DEFAULT_POPULATION
 from core.nets.encoders import Head3DEncoder, StyleEncoder, head3d_encoder_config, style_encoder_config
 from core.nets.l2sae import L2SAE, L2SAEConfig
 from core.nets.stylegan2 import Generator
@@ -66,8 +67,8 @@ class Scale:
     head3d: Head3DConfig
     gan2d_overrides: dict[str, Any] = field(default_factory=dict)  # of the 2D generators' TrainConfig defaults
     encoder_overrides: dict[str, Any] = field(default_factory=dict)
-    beauty_budget: int = 20  # tabs/beauty.py slider defaults
-    beauty_population: int = 12
+    beauty_budget: int = DEFAULT_BUDGET  # a run's defaults (tabs/beauty.py sliders)
+    beauty_population: int = DEFAULT_POPULATION
     refine_steps: int = 10  # tabs/agilegan3d.py slider default
     tab_views: int = 5  # tabs/stylize3d.py and tabs/agilegan3d.py slider defaults
     views: int = 8  # the issues' targets
@@ -327,7 +328,7 @@ def _beauty_tab(ctx: Context):
         pipeline = BeautyOptimizer.from_pretrained(runtime=ctx.runtime)  # the tab loads on every call
         loaded = time.perf_counter() - start
         result = pipeline(str(ctx.photo), seed=0, budget=ctx.scale.beauty_budget,
-                          population=ctx.scale.beauty_population, identity_weight=2.0, strength=1.0)
+                          population=ctx.scale.beauty_population)  # default identity weight and strength
         return loaded, result
     return _wall(run)
 

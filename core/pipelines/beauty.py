@@ -42,6 +42,11 @@ BIAS_NOTE = (
 )
 PCA_SAMPLES = 10_000
 PCA_SEED = 0
+# A run's defaults: the tab's sliders, the benchmark and the evaluation all start from these.
+DEFAULT_BUDGET = 20  # CMA-ES generations
+DEFAULT_POPULATION = 12  # candidates per generation
+DEFAULT_IDENTITY_WEIGHT = 2.0
+DEFAULT_STRENGTH = 1.0
 
 
 @dataclass(frozen=True)
@@ -164,12 +169,14 @@ class BeautyOptimizer:
         self.model_names = dict(model_names or {})
 
     @classmethod
-    def from_pretrained(cls, generator: str = "stylegan2-faces128", encoder: str = "style-encoder-faces128",
+    def from_pretrained(cls, generator: str | torch.nn.Module = "stylegan2-faces128",
+                        encoder: str | torch.nn.Module = "style-encoder-faces128",
                         scorer: str = "beauty-regressor", identity: str = "identity-resnet",
                         evaluator: str = "beauty-evaluator", runtime=None,
                         settings: OptimizerSettings | None = None) -> "BeautyOptimizer":
         """Load the five models by registry name through `runtime.get_model` (float32; the generator runs its own
-        float16 blocks on CUDA). The scorer reuses the runtime's identity network."""
+        float16 blocks on CUDA). The scorer reuses the runtime's identity network. `generator` and `encoder` may
+        instead be modules built from exports not registered yet (`training/eval_beauty.py`)."""
         from core.beauty import build_beauty_evaluator, build_beauty_scorer
         from core.identity import IdentityEncoder
         from core.nets import generator_from_config
@@ -189,18 +196,24 @@ class BeautyOptimizer:
             module.load_state_dict({k: v.float() for k, v in state_dict.items()})
             return module
 
+        def model(name_or_module, build):
+            if isinstance(name_or_module, torch.nn.Module):
+                return name_or_module.to(runtime.device, fp32).eval().requires_grad_(False)
+            return runtime.get_model(name_or_module, build, dtype=fp32)
+
         identity_model = runtime.get_model(identity, build_identity, dtype=fp32)
+        names = {"generator": generator, "encoder": encoder, "scorer": scorer, "identity": identity,
+                 "evaluator": evaluator}
         return cls(
-            generator=runtime.get_model(generator, build_generator, dtype=fp32),
-            encoder=runtime.get_model(encoder, build_style_encoder, dtype=fp32),
+            generator=model(generator, build_generator),
+            encoder=model(encoder, build_style_encoder),
             scorer=runtime.get_model(scorer, lambda c, s: build_beauty_scorer(c, s, identity=identity_model),
                                      dtype=fp32),
             evaluator=runtime.get_model(evaluator, build_beauty_evaluator, dtype=fp32),
             identity=identity_model,
             runtime=runtime,
             settings=settings,
-            model_names={"generator": generator, "encoder": encoder, "scorer": scorer, "identity": identity,
-                         "evaluator": evaluator},
+            model_names={role: name for role, name in names.items() if isinstance(name, str)},
         )
 
     @property
@@ -268,8 +281,8 @@ class BeautyOptimizer:
             return None
         return self.runtime.registry.entry(name).revision
 
-    def __call__(self, photo=None, *, seed: int = 0, budget: int = 30, population: int = 16,
-                 identity_weight: float = 2.0, strength: float = 1.0,
+    def __call__(self, photo=None, *, seed: int = 0, budget: int = DEFAULT_BUDGET, population: int = DEFAULT_POPULATION,
+                 identity_weight: float = DEFAULT_IDENTITY_WEIGHT, strength: float = DEFAULT_STRENGTH,
                  progress: ProgressCallback | None = None) -> BeautyResult:
         """Optimise the face in `photo` (anything `core.face.prepare_face` accepts), or the generator's face for
         `seed` when `photo` is None. `budget` = CMA-ES generations, `population` = candidates per generation,
