@@ -298,19 +298,6 @@ def photo_archive(path: Path, photos: list[np.ndarray]) -> Path:
                                 "split": np.ones(len(photos), np.uint8)}, metadata)
 
 
-def test_descriptor_distance_uses_the_same_person_scale():
-    from core.beauty import load_identity_encoder
-    from core.face import prepare_face
-
-    identity = load_identity_encoder("identity-resnet")
-    faces = [prepare_face(path).image for path in sorted((REPO / "tests" / "fixtures" / "faces").glob("*.jpg"))[:2]]
-    same = eval_beauty.descriptor_distance(identity, faces, faces)
-    mirrored = eval_beauty.descriptor_distance(identity, faces, [face[:, ::-1] for face in faces])
-    other = eval_beauty.descriptor_distance(identity, faces[:1], faces[1:])
-    threshold = identity.config["same_person_distance"]
-    assert np.all(same < 1e-4) and np.all(mirrored < threshold) and other[0] > threshold
-
-
 def test_beauty_evaluation_cli_reports_the_issue_targets(tmp_path):
     generator = tiny_generator()
     generator_dir = export_generator(tmp_path / "generator")

@@ -136,3 +136,15 @@ def test_cli_detect_identity_and_pose(tmp_path, capsys):
 
     assert eval_cli(["identity", str(FACES[1]), str(tmp_path / "blank.png")]) == 1
     assert "No face" in capsys.readouterr().err
+
+
+def test_descriptor_distance_uses_the_same_person_scale():
+    from core.face import prepare_face
+
+    identity = faces.identity_encoder()
+    aligned = [prepare_face(path).image for path in FACES[:2]]
+    same = faces.descriptor_distance(aligned, aligned)
+    mirrored = faces.descriptor_distance(aligned, [face[:, ::-1] for face in aligned])
+    other = faces.descriptor_distance(aligned[:1], aligned[1:], identity)
+    threshold = identity.config["same_person_distance"]
+    assert np.all(same < 1e-4) and np.all(mirrored < threshold) and other[0] > threshold

@@ -112,3 +112,4 @@ def test_evaluation_produces_numbers(pipeline):
     for key in ("identity_consistency", "nose_depth_margin", "fd_id", "inversion_identity"):
         assert np.isfinite(metrics[key]), key
     assert metrics["fd_id"] >= 0 and metrics["inversion_photos"] == 1
+    assert metrics["same_person_rate"] == 0  # random renders show no face: never the same person

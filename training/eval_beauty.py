@@ -24,20 +24,10 @@ import torch
 
 from core.face import FaceInputError
 from core.pipelines.beauty import (DEFAULT_BUDGET, DEFAULT_IDENTITY_WEIGHT, DEFAULT_POPULATION, DEFAULT_STRENGTH,
-                                   BeautyOptimizer, to_tensor)
+                                   BeautyOptimizer)
+from training.eval.faces import descriptor_distance
 
 CARD_FILE = "README.md"
-
-
-@torch.no_grad()
-def descriptor_distance(identity, images_a: list[np.ndarray], images_b: list[np.ndarray]) -> np.ndarray:
-    """Euclidean distance of the raw identity descriptors of aligned uint8 crops, pair by pair."""
-    def descriptors(images):
-        device = next(identity.parameters()).device
-        batch = torch.cat([to_tensor(image, device) for image in images])
-        return identity.descriptor(identity.chip_from_aligned(batch)).float()
-
-    return (descriptors(images_a) - descriptors(images_b)).norm(dim=1).cpu().double().numpy()
 
 
 def evaluate(optimizer: BeautyOptimizer, photos: list[np.ndarray], budget: int = DEFAULT_BUDGET,
@@ -53,13 +43,13 @@ def evaluate(optimizer: BeautyOptimizer, photos: list[np.ndarray], budget: int =
         except FaceInputError as error:
             skipped.append({"face": index, "reason": str(error)})
             continue
-        optimized, reconstruction = descriptor_distance(optimizer.identity, [result.input_image] * 2,
-                                                        [result.optimized, result.reconstruction])
+        distances = [descriptor_distance([result.input_image], [image], optimizer.identity)[0]
+                     for image in (result.optimized, result.reconstruction)]
         rows.append({
             "face": index, "score_before": result.score_before, "score_after": result.score_after,
             "evaluator_before": result.evaluator_before, "evaluator_after": result.evaluator_after,
-            "identity_cosine": result.identity_similarity, "distance_to_input": float(optimized),
-            "reconstruction_distance_to_input": float(reconstruction), "seconds": result.timings["total_s"],
+            "identity_cosine": result.identity_similarity, "distance_to_input": float(distances[0]),
+            "reconstruction_distance_to_input": float(distances[1]), "seconds": result.timings["total_s"],
         })  # fmt: skip
     if not rows:
         raise ValueError("no photo had a usable face")

@@ -5,6 +5,9 @@
 
 * `face_detection_rate`: fraction of renders (seeds x yaw -40, -20, 0, 20, 40) in which `core.face` finds a face.
 * `identity_consistency`: identity cosine of each seed's frontal render to its yaw -30 and +30 renders (mean).
+* `same_person_rate`: fraction of seeds whose frontal, -30 and +30 renders all show a detected face and whose turned
+  renders are the frontal's person by dlib's descriptor distance (below 0.6): the issue's "for most heads". Renders
+  that are no faces do not count as the same person, however alike their embeddings.
 * Depth sanity (frontal renders): the renderer's depth at the nose tip against the cheeks, at MediaPipe landmarks
   when the render has a detected face, else at the FFHQ-aligned mean positions. `nose_in_front_rate` is the
   fraction of seeds whose nose is nearer than both cheeks, `nose_depth_margin` the mean (cheek - nose) depth in
@@ -30,7 +33,8 @@ from core.nets import CONFIG_FILE, WEIGHTS_FILE, load_generator
 from core.nets.encoders import build_head3d_encoder
 from core.pipelines.head3d import Head3DPipeline
 from core.runtime import Runtime
-from training.eval.faces import face_detection_rate, frechet_identity_distance, identity_encoder
+from training.eval.faces import (descriptor_distance, face_detection_rate, frechet_identity_distance,
+                                 identity_encoder)
 
 DETECTION_YAWS = (-40.0, -20.0, 0.0, 20.0, 40.0)
 CONSISTENCY_YAW = 30.0
@@ -75,10 +79,15 @@ def evaluate(pipeline: Head3DPipeline, test_crops: list[np.ndarray], seeds: int 
         margins.append(nose_depth_margin(pipeline, ws, frontal[-1]))
     consistency = [pipeline.identity_similarity(np.stack([front, front]), pair)
                    for front, pair in zip(frontal, turned)]
+    threshold = pipeline.identity.config["same_person_distance"]
+    same_person = [all(detect_faces(view) for view in (front, *pair))
+                   and bool(np.all(descriptor_distance([front, front], list(pair), pipeline.identity) < threshold))
+                   for front, pair in zip(frontal, turned)]
     metrics: dict[str, Any] = {
         "seeds": seeds,
         "face_detection_rate": face_detection_rate(renders),
         "identity_consistency": float(np.mean(consistency)),
+        "same_person_rate": float(np.mean(same_person)),
         "nose_in_front_rate": float(np.mean([margin > 0 for margin in margins])),
         "nose_depth_margin": float(np.mean(margins)),
         "fd_id": frechet_identity_distance(frontal, test_crops, pipeline.identity),

@@ -49,6 +49,20 @@ def aligned_to_tensor(aligned: Sequence[np.ndarray]) -> torch.Tensor:
 
 
 @torch.no_grad()
+def descriptor_distance(aligned_a: Sequence[np.ndarray], aligned_b: Sequence[np.ndarray],
+                        encoder: IdentityEncoder | None = None) -> np.ndarray:
+    """Euclidean distance of the identity network's raw descriptors, pair by pair, of two lists of aligned uint8
+    crops (each list one size); dlib calls a pair the same person below `encoder.config["same_person_distance"]`."""
+    encoder = encoder or identity_encoder()
+    device = next(encoder.parameters()).device
+
+    def descriptors(aligned):
+        return encoder.descriptor(encoder.chip_from_aligned(aligned_to_tensor(aligned).to(device))).float()
+
+    return (descriptors(aligned_a) - descriptors(aligned_b)).norm(dim=1).cpu().double().numpy()
+
+
+@torch.no_grad()
 def embed_aligned_faces(aligned: Sequence[np.ndarray], encoder: IdentityEncoder | None = None,
                         batch_size: int = 32) -> np.ndarray:
     """Identity embeddings (N x 128, unit norm) of FFHQ-aligned uint8 crops, e.g. generator samples."""
