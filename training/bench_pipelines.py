@@ -32,11 +32,11 @@ import torch
 from safetensors.torch import save_file
 
 from core.bench import machine_description
-from core.pipelines.beauty import DEFAULT_BUDGET, DEFAULT_POPULATION
 from core.nets.encoders import Head3DEncoder, StyleEncoder, head3d_encoder_config, style_encoder_config
 from core.nets.l2sae import L2SAE, L2SAEConfig
 from core.nets.stylegan2 import Generator
 from core.nets.style_delta import make_style_delta, save_style_delta
+from core.pipelines.beauty import DEFAULT_BUDGET, DEFAULT_POPULATION
 from core.weights import FileSpec, ModelEntry, Registry, default_registry, sha256_of
 from training.train_head3d import Head3DConfig, build_head_generator
 from training.train_l2sae import TrainConfig as L2SAETrainConfig

@@ -43,8 +43,8 @@ def evaluate(optimizer: BeautyOptimizer, photos: list[np.ndarray], budget: int =
         except FaceInputError as error:
             skipped.append({"face": index, "reason": str(error)})
             continue
-        distances = [descriptor_distance([result.input_image], [image], optimizer.identity)[0]
-                     for image in (result.optimized, result.reconstruction)]
+        distances = descriptor_distance([result.input_image] * 2, [result.optimized, result.reconstruction],
+                                        optimizer.identity)
         rows.append({
             "face": index, "score_before": result.score_before, "score_after": result.score_after,
             "evaluator_before": result.evaluator_before, "evaluator_after": result.evaluator_after,
