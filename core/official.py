@@ -14,7 +14,6 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass
 
-from core.weights import Registry
 
 DOWNLOADS = "downloads"
 PANOHEAD_REPO = "camenduru/PanoHead"
@@ -110,8 +109,3 @@ VARIANTS: dict[str, OfficialVariant] = {variant.name: variant for variant in (PA
 def stylized_variants(base: str) -> tuple[OfficialVariant, ...]:
     """The official stylized generators fine-tuned from the registry model `base`."""
     return tuple(variant for variant in STYLIZED if variant.base == base)
-
-
-def is_available(registry: Registry, name: str) -> bool:
-    """Registered and resolvable (bundled, cached, convertible or pinned on the Hub), as `tabs.available_tabs` asks."""
-    return name in registry.names and registry.locate(name)[0] != "missing"

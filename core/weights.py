@@ -26,7 +26,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -299,6 +299,19 @@ class Registry:
         if self._convertible(entry):
             return "package", None
         return ("hub" if entry.repo_id and entry.revision else "missing"), None
+
+    def is_available(self, name: str) -> bool:
+        """Registered and resolvable without a network failure being certain: bundled, cached, convertible from its
+        package or pinned on the Hub."""
+        return name in self._entries and self.locate(name)[0] != "missing"
+
+    def first_available(self, names: Sequence[str]) -> str:
+        """The first of `names` (alternatives, preferred first) that `is_available`; WeightsError when none is."""
+        for name in names:
+            if self.is_available(name):
+                return name
+        raise WeightsError(f"None of the models {', '.join(names)} is registered and available. Train and register "
+                           "one (training/README.md) or pin it on the Hub.")
 
     def resolve(self, name: str, allow_download: bool = True) -> ResolvedModel:
         """Find a model's files (bundled, converted cache, HF cache, converted now from its package, Hub) and verify

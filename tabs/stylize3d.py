@@ -6,7 +6,7 @@ from __future__ import annotations
 import gradio as gr
 
 from core.face import FaceInputError
-from core.official import PANOHEAD, VARIANTS, is_available, stylized_variants
+from core.official import PANOHEAD, VARIANTS, stylized_variants
 from core.pipelines.head3d import (ENCODER_NAME, IDENTITY_NAME, MODEL_NAME, Head3DPipeline, available_styles,
                                    available_stylized_generators, load_official, view_yaws)
 from core.runtime import Runtime, gpu
@@ -45,12 +45,12 @@ PANOHEAD_COST_NOTE = (
 
 def available(registry: Registry) -> bool:
     """Shown when the bundled or the official generator resolves."""
-    return any(is_available(registry, name) for name in GENERATORS)
+    return any(registry.is_available(name) for name in GENERATORS)
 
 
 def _generator_choices(registry: Registry) -> list[tuple[str, str]]:
     suffix = {MODEL_NAME: NOT_TRAINED, PANOHEAD.name: NEEDS_DOWNLOAD}
-    return [(label + ("" if is_available(registry, name) else suffix[name]), name) for name, label in GENERATORS.items()]
+    return [(label + ("" if registry.is_available(name) else suffix[name]), name) for name, label in GENERATORS.items()]
 
 
 def _ready_styles(registry: Registry, generator: str) -> list[str]:
@@ -69,7 +69,7 @@ def _style_choices(registry: Registry, generator: str) -> list[tuple[str, str]]:
 
 def _missing(registry: Registry, generator: str, style: str) -> str | None:
     """Markdown on how to get the selected generator or official style, or None when both can run."""
-    if not is_available(registry, generator):
+    if not registry.is_available(generator):
         return VARIANTS[generator].instructions() if generator in VARIANTS else BUNDLED_MISSING
     variant = VARIANTS.get(style)
     if variant is not None and variant.base == generator and style not in _ready_styles(registry, generator):
@@ -80,8 +80,8 @@ def _missing(registry: Registry, generator: str, style: str) -> str | None:
 def create_tab(runtime: Runtime) -> None:
     """Components and events of the tab, inside the current `gr.Tab`."""
     registry = runtime.registry
-    photo_ready = is_available(registry, ENCODER_NAME)
-    default = next(name for name in GENERATORS if is_available(registry, name))
+    photo_ready = registry.is_available(ENCODER_NAME)
+    default = next(name for name in GENERATORS if registry.is_available(name))
     ready = _ready_styles(registry, default)
     gr.Markdown(INTRO)
     with gr.Row():
@@ -126,7 +126,7 @@ def create_tab(runtime: Runtime) -> None:
         value = styles_here[min(1, len(styles_here) - 1)]
         official = generator_value == PANOHEAD.name
         return (gr.update(choices=_style_choices(registry, generator_value), value=value),
-                gr.update(visible=len(styles_here) == 1 and is_available(registry, generator_value)),
+                gr.update(visible=len(styles_here) == 1 and registry.is_available(generator_value)),
                 gr.update(visible=official), gr.update(visible=official),
                 gr.update(value=DEFAULT_VIEWS[generator_value]), *show_missing(generator_value, value))
 

@@ -12,10 +12,11 @@ from PIL import Image
 from app import build_demo
 from core.face3dmm import EXPRESSION_NAMES
 from core.mesh import read_glb_asset_extras
-from core.pipelines.taxfree import CURATED_EXPRESSIONS, VARIANTS
+from core.pipelines.taxfree import CURATED_EXPRESSIONS, VARIANTS, TaxFreePipeline
 from core.provenance import read_png_provenance
 from core.runtime import Runtime
 from tabs.common import EXAMPLE_PHOTOS, MAX_UPLOAD_SIZE
+from tabs import available_tabs, taxfree
 from tests.tiny_weights import add_taxfree, load_registry
 
 
@@ -48,6 +49,14 @@ def test_generate_both_variants_with_condition_render_and_mesh(client):
     assert "Seed 5" in info
     one, *_ = client.predict("tax-free", 5, True, *_face_values(), api_name="/taxfree_generate")
     assert [item["caption"] for item in one] == ["tax-free"]
+
+
+def test_fallback_models_serve_the_tab_when_the_preferred_ones_are_missing(tmp_path):
+    add_taxfree(tmp_path, alternative=-1)
+    registry = load_registry(tmp_path)
+    assert taxfree in available_tabs(registry)
+    pipeline = TaxFreePipeline.from_pretrained(runtime=Runtime("cpu", registry=registry))
+    assert pipeline.model_names == {variant: names[-1] for variant, names in VARIANTS.items()}
 
 
 def test_copy_from_photo_fills_the_sliders(client):

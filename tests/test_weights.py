@@ -105,6 +105,16 @@ def test_unpublished_model_missing_locally_says_so(tmp_path):
         registry.resolve("tiny")
 
 
+def test_first_available_prefers_the_first_resolvable_alternative(tmp_path):
+    registry = _register(tmp_path)
+    assert registry.is_available("tiny") and not registry.is_available("big")
+    assert registry.first_available(("big", "tiny")) == "tiny"
+    (tmp_path / "weights" / "tiny" / "model.safetensors").unlink()
+    assert not registry.is_available("tiny")
+    with pytest.raises(W.WeightsError, match="None of the models big, tiny"):
+        registry.first_available(("big", "tiny"))
+
+
 def test_registry_rejects_short_revisions_and_pickles(tmp_path):
     base = {"name": "x", "licence": "MIT", "files": {"model.safetensors": {"sha256": "0" * 64, "size": 1}}}
     with pytest.raises(W.WeightsError, match="40-character"):

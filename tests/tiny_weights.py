@@ -69,12 +69,14 @@ def add_identity(weights_dir: Path) -> None:
     register(weights_dir / head3d.IDENTITY_NAME, head3d.IDENTITY_NAME, weights_dir)
 
 
-def add_taxfree(weights_dir: Path) -> None:
-    """Both conditional generators of the 'tax-free' tab: tiny random StyleGAN2s conditioned on 3DMM parameters."""
+def add_taxfree(weights_dir: Path, alternative: int = 0) -> None:
+    """Both conditional generators of the 'tax-free' tab: tiny random StyleGAN2s conditioned on 3DMM parameters,
+    registered under each variant's `alternative`-th model name (0: the preferred one)."""
     face_model = load_face_model()
     size = FaceParams.vector_size(face_model.num_identity)
     init_kwargs = _tiny_stylegan2_kwargs(size)
-    for index, name in enumerate(taxfree.VARIANTS.values()):
+    for index, names in enumerate(taxfree.VARIANTS.values()):
+        name = names[alternative]
         torch.manual_seed(index)
         folder = weights_dir / name
         folder.mkdir()

@@ -153,7 +153,7 @@ def random_weights_registry(folder: Path, scale: Scale, base: Registry | None = 
     encoder = StyleEncoder(style_encoder_config(g2d.num_ws, g2d.w_dim, sg2.resolution, **scale.encoder_overrides))
     _export(entries, folder / "style_encoder", "style-encoder-faces128", encoder, encoder.config)
     normalisation = base.load_config("face3dmm-estimator")["normalisation"]  # F_R's statistics, as the trainer's
-    for variant, name in taxfree.VARIANTS.items():
+    for variant, (name, *_) in taxfree.VARIANTS.items():  # the preferred (128-px) model of each variant
         config = scale.taxfree(variant.replace("-", ""))
         conditioning = {"mean": normalisation["mean"], "std": normalisation["std"], "recipe": config.recipe}
         _export(entries, folder / name, name, Generator(**config.generator_kwargs()),

@@ -30,7 +30,10 @@ from core.provenance import Provenance
 from core.runtime import Runtime
 
 METHOD = "'Tax-free' 3DMM-conditioned generation"
-VARIANTS = {"tax-free": "taxfree-faces128", "over-constrained": "overconstrained-faces128"}
+# Variant -> its registry models, preferred first: the 128-px generators of the training plan, then the 32-px previews
+# trained on a CPU (weights/taxfree_faces32, weights/overconstrained_faces32).
+VARIANTS = {"tax-free": ("taxfree-faces128", "taxfree-faces32"),
+            "over-constrained": ("overconstrained-faces128", "overconstrained-faces32")}
 # The ~10 expressions the tab shows as named sliders: label -> ICT/ARKit blendshapes they drive together.
 CURATED_EXPRESSIONS: dict[str, tuple[str, ...]] = {
     "jaw open": ("jawOpen",),
@@ -123,11 +126,12 @@ class TaxFreePipeline:
     @classmethod
     def from_pretrained(cls, variants: tuple[str, ...] = tuple(VARIANTS), runtime: Runtime | None = None
                         ) -> "TaxFreePipeline":
-        """The registry generators of `variants` (keys of VARIANTS) through the runtime's model cache."""
+        """The registry generators of `variants` (keys of VARIANTS; each the first of its models that is available)
+        through the runtime's model cache."""
         runtime = runtime or Runtime()
         generators, conditioning, names = {}, {}, {}
         for variant in variants:
-            name = VARIANTS[variant]
+            name = runtime.registry.first_available(VARIANTS[variant])
             config = runtime.registry.load_config(name)
 
             def build(config, state_dict):
