@@ -14,7 +14,6 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass
 
-
 DOWNLOADS = "downloads"
 PANOHEAD_REPO = "camenduru/PanoHead"
 PANOHEAD_FILE = "easy-khair-180-gpc0.8-trans10-025000.pkl"
