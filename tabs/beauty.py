@@ -6,16 +6,15 @@ import gradio as gr
 import pandas as pd
 
 from core.pipelines.beauty import (BIAS_NOTE, DEFAULT_BUDGET, DEFAULT_IDENTITY_WEIGHT, DEFAULT_POPULATION,
-                                   DEFAULT_STRENGTH, BeautyOptimizer)
+                                   DEFAULT_STRENGTH, BeautyOptimizer, available_generator_encoder)
 from core.runtime import Runtime, gpu
-from core.weights import WeightsError
+from core.weights import Registry, WeightsError
 from tabs.common import (FaceInputError, MAX_SEED, example_photos, photo_input, raise_user_error, randomize_seed,
                          require_photo, save_pngs)
 
 KEY = "beauty"
-MODELS = {"generator": "stylegan2-faces128", "encoder": "style-encoder-faces128", "scorer": "beauty-regressor",
-          "evaluator": "beauty-evaluator", "identity": "identity-resnet"}
-REQUIRED_MODELS = tuple(MODELS.values())
+MODELS = {"scorer": "beauty-regressor", "evaluator": "beauty-evaluator", "identity": "identity-resnet"}
+REQUIRED_MODELS = tuple(MODELS.values())  # plus a generator with its encoder: `available`
 SOURCES = ("photo", "random face (seed)")
 BEST_SERIES = "best candidate"
 MEAN_SERIES = "population mean"
@@ -27,6 +26,15 @@ INTRO = (
     "([Regression-guided facial beauty optimization](https://arxiv.org/abs/2501.00811)). A second, independently "
     "trained scorer checks that the gain is not the optimiser exploiting the first one."
 )
+
+
+def available(registry: Registry) -> bool:
+    """Shown when one of the base generator + encoder pairs is available."""
+    try:
+        available_generator_encoder(registry)
+    except WeightsError:
+        return False
+    return True
 
 
 def _scores_markdown(result) -> str:

@@ -17,8 +17,11 @@ from safetensors.torch import load_file, save_file
 from core.nets import CONFIG_FILE, WEIGHTS_FILE, load_generator
 from core.nets.encoders import StyleEncoder, build_style_encoder, style_encoder_config, style_layer_groups
 from core.nets.stylegan2 import Generator
-from core.pipelines.beauty import (DEFAULT_IDENTITY_WEIGHT, DEFAULT_STRENGTH, BeautyOptimizer, OptimizerSettings,
-                                   principal_directions)
+from core.pipelines.beauty import (DEFAULT_IDENTITY_WEIGHT, DEFAULT_STRENGTH, GENERATOR_ENCODER_PAIRS, BeautyOptimizer,
+                                   OptimizerSettings, principal_directions)
+from core.runtime import Runtime
+from core.weights import WeightsError
+from tabs import available_tabs, beauty
 from training import eval_beauty
 from training.data.archive import pack_bytes, write_archive
 from training.eval_encoder import evaluate_encoder
@@ -329,3 +332,18 @@ def test_beauty_evaluation_cli_reports_the_issue_targets(tmp_path):
     assert json.loads(out.read_text())["summary"] == summary
     card = (encoder_dir / "README.md").read_text()
     assert "Beauty optimisation on held-out faces" in card and f"{summary['evaluator_gain_mean']:+.3f}" in card
+
+
+def test_from_pretrained_and_the_tab_use_the_first_available_generator_encoder_pair(tmp_path):
+    from tests.tiny_weights import add_beauty_models, load_registry  # tiny_weights imports this module
+
+    add_beauty_models(tmp_path, GENERATOR_ENCODER_PAIRS[-1])
+    registry = load_registry(tmp_path)
+    assert beauty in available_tabs(registry)
+    optimizer = BeautyOptimizer.from_pretrained(runtime=Runtime("cpu", registry=registry))
+    generator, encoder = GENERATOR_ENCODER_PAIRS[-1]
+    assert optimizer.model_names["generator"] == generator and optimizer.model_names["encoder"] == encoder
+    (tmp_path / encoder / "model.safetensors").unlink()  # a generator without its encoder is no pair
+    assert beauty not in available_tabs(load_registry(tmp_path))
+    with pytest.raises(WeightsError, match="photo encoder"):
+        BeautyOptimizer.from_pretrained(runtime=Runtime("cpu", registry=load_registry(tmp_path)))

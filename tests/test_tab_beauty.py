@@ -53,3 +53,4 @@ def test_seed_source_needs_no_photo_and_bad_values_are_refused(client):
         client.predict("random face (seed)", None, 0, 500, 4, 1.0, 1.0, api_name="/beauty_optimize")
     with pytest.raises(Exception, match="(?i)choices"):
         client.predict("webcam", None, 0, 2, 4, 1.0, 1.0, api_name="/beauty_optimize")
+

@@ -24,7 +24,7 @@ from core.nets.l2sae import L2SAE, L2SAEConfig
 from core.nets.style_delta import make_style_delta, save_style_delta
 from core.nets.stylegan2 import Generator
 from core.pipelines import head3d, latents2semantics, taxfree
-from core.pipelines.beauty import BeautyOptimizer, OptimizerSettings
+from core.pipelines.beauty import GENERATOR_ENCODER_PAIRS, BeautyOptimizer, OptimizerSettings
 from core.runtime import Runtime
 from tabs import beauty
 from tests.test_beauty_pipeline import TINY_GENERATOR, PooledIdentity
@@ -181,12 +181,35 @@ def add_beauty_placeholders(weights_dir: Path) -> None:
     """Placeholder entries for the beauty tab's models not registered yet (so that the tab shows); the pipeline
     itself comes from `patch_beauty`."""
     registered = set(load_registry(weights_dir).names) if registry_path(weights_dir).exists() else set()
-    for name in beauty.REQUIRED_MODELS:
+    for name in (*beauty.REQUIRED_MODELS, *GENERATOR_ENCODER_PAIRS[0]):
         if name in registered:
             continue
         folder = weights_dir / name
         folder.mkdir()
         (folder / "config.json").write_text(json.dumps({"placeholder": name}))
+        register(folder, name, weights_dir)
+
+
+def add_beauty_models(weights_dir: Path, pair: tuple[str, str]) -> None:
+    """The beauty tab's real scorer, evaluator and identity network (copies of the bundled ones) plus a tiny random
+    generator and encoder registered under the (generator, encoder) names `pair`."""
+    add_identity(weights_dir)
+    bundled = W.default_registry()
+    for name in ("beauty-regressor", "beauty-evaluator"):
+        folder = weights_dir / name
+        folder.mkdir()
+        for file, path in bundled.resolve(name).paths.items():
+            shutil.copyfile(path, folder / file)
+        register(folder, name, weights_dir)
+    torch.manual_seed(0)
+    generator = Generator(**_tiny_stylegan2_kwargs(0))
+    encoder = StyleEncoder(style_encoder_config(generator.num_ws, generator.w_dim, 16, **TINY_ENCODER))
+    configs = ({"kind": "stylegan2", "init_kwargs": _tiny_stylegan2_kwargs(0)}, encoder.config)
+    for name, module, config in zip(pair, (generator, encoder), configs):
+        folder = weights_dir / name
+        folder.mkdir()
+        save_file({k: v.half() for k, v in module.state_dict().items()}, str(folder / "model.safetensors"))
+        (folder / "config.json").write_text(json.dumps(config))
         register(folder, name, weights_dir)
 
 

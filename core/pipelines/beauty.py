@@ -40,6 +40,9 @@ BIAS_NOTE = (
     "Attractiveness models encode the biases of their raters and training data (here: MEBeauty ratings). The "
     "scores say what this model rewards, not anything about a person's worth or appearance."
 )
+# (generator, its photo encoder) registry pairs, preferred first: the 128-px models of the training plan, then the
+# 32-px previews trained on a CPU. An encoder only fits the generator it was trained against, hence pairs.
+GENERATOR_ENCODER_PAIRS = (("stylegan2-faces128", "style-encoder-faces128"), ("stylegan2-faces32", "style-encoder-faces32"))
 PCA_SAMPLES = 10_000
 PCA_SEED = 0
 # A run's defaults: the tab's sliders, the benchmark and the evaluation all start from these.
@@ -58,6 +61,18 @@ class LatentBasis:
 
 
 _BASIS_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, LatentBasis]" = weakref.WeakKeyDictionary()
+
+
+def available_generator_encoder(registry) -> tuple[str, str]:
+    """The first (generator, encoder) of GENERATOR_ENCODER_PAIRS whose two models are available; WeightsError if none."""
+    from core.weights import WeightsError
+
+    for pair in GENERATOR_ENCODER_PAIRS:
+        if all(registry.is_available(name) for name in pair):
+            return pair
+    raise WeightsError("No base generator with its photo encoder is registered and available ("
+                       + "; ".join(" + ".join(pair) for pair in GENERATOR_ENCODER_PAIRS) + "). Train and register "
+                       "them (training/README.md).")
 _BASIS_LOCK = threading.Lock()
 
 
@@ -169,14 +184,15 @@ class BeautyOptimizer:
         self.model_names = dict(model_names or {})
 
     @classmethod
-    def from_pretrained(cls, generator: str | torch.nn.Module = "stylegan2-faces128",
-                        encoder: str | torch.nn.Module = "style-encoder-faces128",
+    def from_pretrained(cls, generator: str | torch.nn.Module | None = None,
+                        encoder: str | torch.nn.Module | None = None,
                         scorer: str = "beauty-regressor", identity: str = "identity-resnet",
                         evaluator: str = "beauty-evaluator", runtime=None,
                         settings: OptimizerSettings | None = None) -> "BeautyOptimizer":
         """Load the five models by registry name through `runtime.get_model` (float32; the generator runs its own
-        float16 blocks on CUDA). The scorer reuses the runtime's identity network. `generator` and `encoder` may
-        instead be modules built from exports not registered yet (`training/eval_beauty.py`)."""
+        float16 blocks on CUDA). The scorer reuses the runtime's identity network. Without `generator` and
+        `encoder`, the first of GENERATOR_ENCODER_PAIRS that is available; they may instead be modules built from
+        exports not registered yet (`training/eval_beauty.py`)."""
         from core.beauty import build_beauty_evaluator, build_beauty_scorer
         from core.identity import IdentityEncoder
         from core.nets import generator_from_config
@@ -184,6 +200,10 @@ class BeautyOptimizer:
         from core.runtime import Runtime
 
         runtime = runtime or Runtime()
+        if generator is None and encoder is None:
+            generator, encoder = available_generator_encoder(runtime.registry)
+        elif generator is None or encoder is None:
+            raise ValueError("give both the generator and its encoder, or neither")
         fp32 = torch.float32
 
         def build_generator(config, state_dict):
