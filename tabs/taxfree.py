@@ -87,9 +87,10 @@ def create_tab(runtime: Runtime) -> None:
             raise_user_error(error)
         images = save_pngs([result.images[v] for v in variants], result.provenance, "taxfree")
         timing = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in result.seconds.items())
+        models = ", ".join(f"{pipeline.model_names[v]} ({pipeline.generators[v].img_resolution} px)" for v in variants)
         return ([(path, v) for path, v in zip(images, variants)],
                 save_pngs([result.condition_render], result.provenance, "condition")[0], str(result.mesh_path),
-                f"Seed {result.seed} on {runtime.device.type}: {timing}.")
+                f"Seed {result.seed} on {runtime.device.type} with {models}: {timing}.")
 
     def copy_from_photo(photo_path):
         require_photo(photo_path)

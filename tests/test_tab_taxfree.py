@@ -46,7 +46,7 @@ def test_generate_both_variants_with_condition_render_and_mesh(client):
     loaded = trimesh.load(mesh, force="mesh")
     assert 0 < len(loaded.faces) <= 100_000
     assert read_glb_asset_extras(mesh)["seed"] == 5
-    assert "Seed 5" in info
+    assert "Seed 5" in info and f"{VARIANTS['tax-free'][0]} (16 px)" in info
     one, *_ = client.predict("tax-free", 5, True, *_face_values(), api_name="/taxfree_generate")
     assert [item["caption"] for item in one] == ["tax-free"]
 

@@ -27,3 +27,14 @@ def test_registered_models_are_counted_once_and_derived_ones_not_at_all():
     assert table.count(f"| {base.name} |") == 1 and "converted-at-install" not in table
     everything = sum(p.count * p.export_bytes for p in plans) / 2**20
     assert abs(total - (everything - base.export_bytes / 2**20)) < 1e-6
+
+
+def test_previews_are_listed_but_left_out_of_the_planned_total():
+    from core.pipelines.taxfree import VARIANTS
+
+    planned, preview = VARIANTS["tax-free"][:2]
+    plans = planned_models()
+    _, without = budget_table(Registry([]), plans)
+    table, total = budget_table(Registry([ModelEntry(preview, "", "", (), bundled="p")]), plans)
+    assert f"| {preview} | preview, deleted for {planned} |" in table
+    assert total == without

@@ -131,12 +131,25 @@ def bundled_bytes(registry: Registry) -> dict[str, int]:
     return sizes
 
 
+def preview_replacements() -> dict[str, str]:
+    """The pipelines' fallback models (CPU-trained previews) -> the planned model preferred over each. A preview is
+    deleted when its planned model is registered, so the planned total leaves previews out."""
+    from core.pipelines import beauty, taxfree
+
+    alternatives = [*taxfree.VARIANTS.values(), *zip(*beauty.GENERATOR_ENCODER_PAIRS)]
+    return {fallback: preferred for preferred, *fallbacks in alternatives for fallback in fallbacks}
+
+
 def budget_table(registry: Registry, plans: list[PlannedModel]) -> tuple[str, float]:
-    """Markdown table and the planned total in MiB."""
+    """Markdown table and the planned total in MiB (previews listed, not counted)."""
     names = set(registry.names)
+    previews = preview_replacements()
     lines = ["| model | status | count | float16 export | compact checkpoint |", "|---|---|---|---|---|"]
     total = 0
     for name, size in bundled_bytes(registry).items():
+        if name in previews:
+            lines.append(f"| {name} | preview, deleted for {previews[name]} | 1 | {size / MIB:.2f} MiB | |")
+            continue
         lines.append(f"| {name} | bundled | 1 | {size / MIB:.2f} MiB | |")
         total += size
     for plan in plans:
