@@ -199,6 +199,26 @@ def test_taxfree_consistency_ignores_identity_and_overconstrained_does_not(archi
         assert (losses[0] != pytest.approx(losses[1])) == identity_counts
 
 
+def test_conditioning_labels_factorise_the_slider_groups_of_some_rows(archive, estimator_dir):
+    groups = parameter_groups(NUM_IDENTITY)
+    trainer, _ = _trainer("overconstrained", archive, estimator_dir, factorised_fraction=0.5)
+    labels = trainer.data.labels
+    torch.manual_seed(0)
+    c, index, mirror, factorised = trainer._conditioning_labels(64)
+    assert 0 < int(factorised.sum()) < 64
+    base = trainer._labels(index, mirror)
+    kept = [groups[name] for name in ("identity", "translation", "scale")]
+    for rows, equal in ((~factorised, True), (factorised, False)):
+        assert all(torch.equal(c[rows][:, g], base[rows][:, g]) for g in kept)  # the rest follows the base sample
+        assert torch.equal(c[rows], base[rows]) == equal
+    for name in train_taxfree.SLIDER_GROUPS:  # every slider group is some training sample's (or its mirror's) values
+        candidates = torch.cat([labels, trainer.data.mirrored_labels])[:, groups[name]]
+        assert all((candidates == row).all(dim=1).any() for row in c[:, groups[name]])
+    trainer, _ = _trainer("taxfree", archive, estimator_dir, factorised_fraction=0.0)
+    c, index, mirror, factorised = trainer._conditioning_labels(16)
+    assert not factorised.any() and torch.equal(c, trainer._labels(index, mirror))
+
+
 def test_render_targets_cover_the_face(archive):
     from training.train_stylegan2 import images_from_archive
 
