@@ -61,6 +61,8 @@ def archive(tmp_path_factory):
     arrays = {"image_data": image_data, "image_offsets": image_offsets, "mask_data": mask_data,
               "mask_offsets": mask_offsets, "split": np.array([0] * 8 + [1] * 2 + [2] * 4, np.uint8),
               "face3dmm": _labels(count, 0)}
+    rotation = arrays["face3dmm"][:, parameter_groups(NUM_IDENTITY)["rotation"]]
+    arrays["pose"] = np.stack([-0.8 * rotation[:, 0] + 1.0, 0.9 * rotation[:, 1] - 2.0, rotation[:, 2]], 1)
     metadata = {"names": [f"s{i}" for i in range(count)], "size": SIZE, "class_names": ["background"],
                 "splits": ["train", "val", "test"]}
     return write_archive(tmp_path_factory.mktemp("data") / "faces16.npz", arrays, metadata)
@@ -240,7 +242,7 @@ def test_evaluation_produces_numbers_for_tiny_generators(archive, estimator_dir,
     base = StyleGAN2Trainer(TrainConfig(resolution=SIZE, **tiny), None).export(tmp_path / "base")
     out = tmp_path / "results.json"
     eval_taxfree.main(["--data", str(archive), "--base", str(base), "--taxfree", str(conditional),
-                       "--estimator", str(estimator_dir), "--out", str(out), "--update-cards"])
+                       "--estimator", str(estimator_dir), "--out", str(out), "--update-cards", "--slider-seeds", "2"])
     results = json.loads(out.read_text())
     assert results["count"] == 4
     for name in ("real", "base", "taxfree"):
@@ -251,7 +253,14 @@ def test_evaluation_produces_numbers_for_tiny_generators(archive, estimator_dir,
     assert 0 <= control["detected"] <= 1 and control["pairs"] <= 4  # random 16-px images: usually no face
     errors = results["taxfree"]["estimator_vs_requested"]
     assert np.isfinite(errors["yaw_mae_deg"]) and set(errors["curated_expressions"]) >= {"jawOpen", "eyeBlink_L"}
+    sliders = results["taxfree"]["slider_control"]
+    assert sliders["seeds"] == 2 and "slider_control" not in results["base"]
+    assert all(0 <= sliders[axis]["detected"] <= 1 for axis in ("yaw", "pitch"))
+    relations = results["angle_relations"]
+    assert relations["yaw"]["slope"] == pytest.approx(-0.8, abs=1e-4) and relations["pitch"]["slope"] == pytest.approx(
+        0.9, abs=1e-4) and relations["yaw"]["intercept"] == pytest.approx(1.0, abs=1e-3)
     assert "Measured metrics" in (conditional / "README.md").read_text()
+    assert "Sliders (only yaw, then only pitch changed" in (conditional / "README.md").read_text()
     assert "| taxfree (" in (base / "README.md").read_text()
 
 

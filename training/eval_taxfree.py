@@ -14,6 +14,12 @@ normalised as in their config.json `conditioning`), then
 * expression control: F_R (`weights/face3dmm_estimator`) on the generated image vs the requested p (curated
   expressions MAE / Pearson r, and all groups), plus an estimator-independent check: Pearson r between the
   requested jawOpen and the landmark mouth opening (inner-lip gap / face height).
+* slider control, what the tab does: for `slider_seeds` seeds (random identity from the seed, the other groups at
+  the training mean, as `core.pipelines.taxfree.TaxFreePipeline` builds p), only the yaw (then only the pitch) is
+  swept over `SLIDER_YAWS` (`SLIDER_PITCHES`) and the landmark pose of each image is measured. The landmark pose is
+  the camera's look-at angle, not the head's 3DMM rotation, so the expected landmark angle of a request comes from
+  a line fitted to the test split's (3DMM angle, landmark angle) pairs; reported: the median absolute error to that
+  line (deg), the Pearson r of requested vs measured angle and the fitted slope next to the data's.
 The real test crops go through the same measurements as a reference row (F_R's own error; pose error 0 by
 construction); its FD-id is that of as many real train crops against the test crops (the floor at this sample
 count: FD-id grows as the count shrinks, so compare rows of one run only).
@@ -41,6 +47,8 @@ from training.train_taxfree import DEFAULT_ESTIMATOR, estimator_path
 # MediaPipe Face Mesh indices: inner upper / lower lip midpoints, forehead top, chin bottom.
 UPPER_INNER_LIP, LOWER_INNER_LIP, FOREHEAD, CHIN = 13, 14, 10, 152
 MODEL_NAMES = ("base", "taxfree", "overconstrained")
+SLIDER_YAWS = (-30.0, -15.0, 0.0, 15.0, 30.0)  # the issue's control range: yaw in [-30, 30] deg
+SLIDER_PITCHES = (-20.0, -10.0, 0.0, 10.0, 20.0)
 
 
 def landmark_measurements(images: np.ndarray) -> dict[str, np.ndarray]:
@@ -115,8 +123,51 @@ def evaluate_images(images: np.ndarray, requested: np.ndarray | None, real_embed
     return result
 
 
+def angle_relation(face3dmm: np.ndarray, pose: np.ndarray, axis: int) -> tuple[float, float]:
+    """Slope and intercept of the landmark angle (`pose[:, axis]`, look-at yaw or pitch) against the 3DMM rotation
+    angle (`face3dmm` rotation entry `axis`) over the samples where both exist."""
+    from core.nets.face3dmm_estimator import parameter_groups
+
+    num_identity = face3dmm.shape[1] - parameter_groups(0)["lighting"].stop
+    angle = face3dmm[:, parameter_groups(num_identity)["rotation"].start + axis]
+    ok = np.isfinite(angle) & np.isfinite(pose[:, axis])
+    slope, intercept = np.polyfit(angle[ok], pose[ok, axis], 1)
+    return float(slope), float(intercept)
+
+
+@torch.no_grad()
+def slider_control(generator: torch.nn.Module, conditioning: dict, relations: dict[str, tuple[float, float]],
+                   seeds: int, reference_size: int) -> dict:
+    """The tab's sliders: per seed, sweep only the yaw (then only the pitch) and measure the landmark angle of the
+    image (resized to `reference_size`); errors against the data's (3DMM angle -> landmark angle) line."""
+    from core.pipelines.taxfree import FaceControls, TaxFreePipeline
+
+    pipeline = TaxFreePipeline({"model": generator}, {"model": conditioning})
+    result = {"seeds": seeds}
+    for axis, (name, values) in enumerate((("yaw", SLIDER_YAWS), ("pitch", SLIDER_PITCHES))):
+        requested, images = [], []
+        for seed in range(seeds):
+            for value in values:
+                controls = FaceControls(**{name: value})
+                images.append(pipeline(controls, seed=seed, random_identity=True).images["model"])
+                requested.append(value)
+        images = resize_like(np.stack(images), np.zeros((1, reference_size, reference_size, 3), np.uint8))
+        measured = landmark_measurements(images)["pose"][:, axis]
+        requested = np.asarray(requested)
+        found = np.isfinite(measured)
+        slope, intercept = relations[name]
+        error = np.abs(measured[found] - (slope * requested[found] + intercept))
+        fitted = np.polyfit(requested[found], measured[found], 1)[0] if found.sum() > 2 else float("nan")
+        result[name] = {
+            "detected": float(found.mean()), "median_error_deg": float(np.median(error)) if found.any() else float("nan"),
+            "r": pearson(requested[found], measured[found]) if found.sum() > 2 else float("nan"),
+            "slope": float(fitted), "data_slope": slope,
+        }  # fmt: skip
+    return result
+
+
 def evaluate(data: str | Path, generators: dict[str, str | Path], estimator_dir: str | Path = DEFAULT_ESTIMATOR,
-             count: int | None = None, seed: int = 0) -> dict:
+             count: int | None = None, seed: int = 0, slider_seeds: int = 20) -> dict:
     """Metrics of the real test crops ("real") and of each named generator folder on the archive's test split."""
     from training.data.archive import load_archive
 
@@ -128,7 +179,10 @@ def evaluate(data: str | Path, generators: dict[str, str | Path], estimator_dir:
     estimator = load_face3dmm_estimator(estimator_path(estimator_dir))
     real_embeddings = embed_aligned_faces(list(reals))
     real_landmarks = landmark_measurements(reals)
-    results = {"data": str(data), "split": "test", "count": len(keep), "seed": seed}
+    relations = {name: angle_relation(labels, np.asarray(archive.pose, dtype=np.float32), axis)
+                 for axis, name in enumerate(("yaw", "pitch"))}
+    results = {"data": str(data), "split": "test", "count": len(keep), "seed": seed,
+               "angle_relations": {name: {"slope": a, "intercept": b} for name, (a, b) in relations.items()}}
     real = evaluate_images(reals, requested, real_embeddings, real_landmarks, estimator)
     train = load_archive(data, split="train")  # floor: as many real train crops as generated images, vs test
     picks = np.random.default_rng(seed).choice(len(train), min(len(keep), len(train)), replace=False)
@@ -147,6 +201,9 @@ def evaluate(data: str | Path, generators: dict[str, str | Path], estimator_dir:
         results[name] = evaluate_images(images, None if c is None else requested, real_embeddings, real_landmarks,
                                         estimator)  # fmt: skip
         results[name].update(generator=str(directory), generated_px=generated_px)
+        if conditioning is not None and slider_seeds:
+            results[name]["slider_control"] = slider_control(generator, conditioning, relations, slider_seeds,
+                                                             reals.shape[1])
     return results
 
 
@@ -170,6 +227,19 @@ def summary_table(results: dict) -> str:
                      f"{cell(pose.get('yaw_median_deg'))} | {cell(pose.get('pitch_median_deg'))} | "
                      f"{cell(curated.get('jawOpen', {}).get('r'))} | {cell(smile)} | "
                      f"{cell(row.get('jaw_open_vs_mouth_opening_r'))} |")
+    sliders = [(name, results[name]["slider_control"]) for name in MODEL_NAMES if "slider_control" in results.get(name, {})]
+    if sliders:
+        lines += ["", f"Sliders (only yaw, then only pitch changed; {sliders[0][1]['seeds']} seeds with random identity; "
+                  f"yaw {', '.join(f'{v:g}' for v in SLIDER_YAWS)}, pitch {', '.join(f'{v:g}' for v in SLIDER_PITCHES)} "
+                  "deg; landmark angle vs the data's 3DMM-to-landmark line):", "",
+                  "| generator | yaw err. median (deg) | yaw r | yaw slope (data) | pitch err. median (deg) | pitch r | "
+                  "pitch slope (data) | face detected |", "|---" * 8 + "|"]
+        for name, row in sliders:
+            yaw, pitch = row["yaw"], row["pitch"]
+            lines.append(f"| {name} | {cell(yaw['median_error_deg'])} | {cell(yaw['r'])} | {cell(yaw['slope'])} "
+                         f"({cell(yaw['data_slope'])}) | {cell(pitch['median_error_deg'])} | {cell(pitch['r'])} | "
+                         f"{cell(pitch['slope'])} ({cell(pitch['data_slope'])}) | "
+                         f"{cell(min(yaw['detected'], pitch['detected']))} |")
     return "\n".join(lines)
 
 
@@ -181,12 +251,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--estimator", default=DEFAULT_ESTIMATOR)
     parser.add_argument("--count", type=int, default=None, help="at most this many test samples")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--slider-seeds", type=int, default=20, help="seeds of the yaw/pitch slider sweeps (0: none)")
     parser.add_argument("--out", help="write the results JSON here")
     parser.add_argument("--update-cards", action="store_true",
                         help="append the summary table to each evaluated generator's README.md")
     args = parser.parse_args(argv)
     generators = {name: getattr(args, name) for name in MODEL_NAMES if getattr(args, name)}
-    results = evaluate(args.data, generators, args.estimator, args.count, args.seed)
+    results = evaluate(args.data, generators, args.estimator, args.count, args.seed, args.slider_seeds)
     table = summary_table(results)
     print(table, flush=True)
     if args.out:
