@@ -264,6 +264,29 @@ def test_evaluation_produces_numbers_for_tiny_generators(archive, estimator_dir,
     assert "| taxfree (" in (base / "README.md").read_text()
 
 
+def test_base_generator_evaluation_counts_detected_faces(archive, tmp_path, monkeypatch):
+    from training import eval_stylegan2
+
+    tiny = {k: v for k, v in train_taxfree._parse_overrides(TINY_GAN).items() if k in TrainConfig.__dataclass_fields__}
+    base = StyleGAN2Trainer(TrainConfig(resolution=SIZE, **tiny), None).export(tmp_path / "base")
+    seen = []
+
+    def bright_faces(image):  # stands in for MediaPipe: a "face" in every image brighter than mid-grey
+        seen.append(image.shape)
+        return [object()] if image.mean() > 127 else []
+
+    monkeypatch.setattr(eval_stylegan2, "detect_faces", bright_faces)
+    out = tmp_path / "base.json"
+    eval_stylegan2.main(["--generator", str(base), "--data", str(archive), "--samples", "6", "--out", str(out),
+                         "--update-card"])
+    result = json.loads(out.read_text())
+    images = eval_stylegan2.resize_like(eval_stylegan2.sample(load_generator(base), 6, 0.7), np.zeros((1, 16, 16, 3)))
+    assert seen == [(SIZE, SIZE, 3)] * 6
+    assert result["face_detected"] == pytest.approx(np.mean(images.reshape(6, -1).mean(1) > 127))
+    assert result["fd_id_count"] == 4 and result["fd_id"] >= 0 and result["fd_id_real_floor"] >= 0
+    assert "| face detected (MediaPipe), 6 samples at psi 0.7 |" in (base / "README.md").read_text()
+
+
 def test_smaller_generators_are_measured_at_the_real_crops_size():
     ramp = np.linspace(40, 200, 8).astype(np.uint8)  # smooth content: bicubic keeps the block means
     small = np.broadcast_to(ramp[None, None, :, None], (2, 8, 8, 3)).copy()
