@@ -6,11 +6,12 @@ import gradio as gr
 import pandas as pd
 
 from core.pipelines.beauty import (BIAS_NOTE, DEFAULT_BUDGET, DEFAULT_IDENTITY_WEIGHT, DEFAULT_POPULATION,
-                                   DEFAULT_STRENGTH, BeautyOptimizer, available_generator_encoder)
+                                   DEFAULT_STRENGTH, GENERATOR_ENCODER_PAIRS, BeautyOptimizer,
+                                   available_generator_encoder)
 from core.runtime import Runtime, gpu
 from core.weights import Registry, WeightsError
-from tabs.common import (FaceInputError, MAX_SEED, example_photos, photo_input, raise_user_error, randomize_seed,
-                         require_photo, save_pngs)
+from tabs.common import (FaceInputError, MAX_SEED, example_photos, photo_input, preview_note, raise_user_error,
+                         randomize_seed, require_photo, save_pngs)
 
 KEY = "beauty"
 MODELS = {"scorer": "beauty-regressor", "evaluator": "beauty-evaluator", "identity": "identity-resnet"}
@@ -51,6 +52,10 @@ def _scores_markdown(result) -> str:
 def create_tab(runtime: Runtime) -> None:
     """Components and events of the tab, inside the current `gr.Tab`."""
     gr.Markdown(INTRO)
+    note = preview_note(runtime.registry, dict(zip(GENERATOR_ENCODER_PAIRS[0],
+                                                   available_generator_encoder(runtime.registry))))
+    if note:
+        gr.Markdown(note)
     gr.Markdown(f"> **Note.** {BIAS_NOTE}")
     with gr.Row():
         with gr.Column():

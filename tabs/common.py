@@ -65,6 +65,22 @@ def save_pngs(images: Sequence[np.ndarray], provenance: Provenance | None, stem:
     return [str(save_png(image, folder / f"{stem}-{index}.png", provenance)) for index, image in enumerate(images)]
 
 
+def preview_note(registry, chosen: dict[str, str]) -> str | None:
+    """A note for the tab when some of its models are CPU-trained previews: `chosen` maps the preferred registry
+    name of each model to the one in use (`Registry.first_available`). None when all are the preferred ones."""
+    previews = {preferred: name for preferred, name in chosen.items() if name != preferred}
+    if not previews:
+        return None
+
+    def resolution(name: str) -> str:
+        size = registry.load_config(name).get("init_kwargs", {}).get("img_resolution")
+        return f"{name} ({size} px)" if size else name
+
+    return ("**Preview models.** This tab runs on small generators trained on a CPU, not yet on the GPU-trained ones "
+            f"it is built for: {', '.join(resolution(name) for name in previews.values())}, instead of "
+            f"{', '.join(previews)}. Expect small, soft faces; the controls work the same way.")
+
+
 def randomize_seed(seed: int, randomize: bool) -> int:
     """A fresh random seed when `randomize` is ticked, else `seed` clamped to the valid range."""
     if randomize:
@@ -73,4 +89,4 @@ def randomize_seed(seed: int, randomize: bool) -> int:
 
 
 __all__ = ["EXAMPLE_PHOTOS", "EXAMPLES_DIR", "FaceInputError", "example_photos", "MAX_SEED", "MAX_UPLOAD_SIZE", "photo_input",
-           "raise_user_error", "randomize_seed", "require_photo", "save_pngs"]
+           "preview_note", "raise_user_error", "randomize_seed", "require_photo", "save_pngs"]

@@ -11,8 +11,8 @@ from core.face3dmm import EXPRESSION_NAMES
 from core.pipelines.taxfree import CURATED_EXPRESSIONS, VARIANTS, FaceControls, TaxFreePipeline
 from core.runtime import Runtime, gpu
 from core.weights import WeightsError
-from tabs.common import (FaceInputError, MAX_SEED, example_photos, photo_input, raise_user_error, randomize_seed,
-                         require_photo, save_pngs)
+from tabs.common import (FaceInputError, MAX_SEED, example_photos, photo_input, preview_note, raise_user_error,
+                         randomize_seed, require_photo, save_pngs)
 
 KEY = "taxfree"
 REQUIRED_MODELS = tuple(VARIANTS.values())
@@ -29,6 +29,9 @@ INTRO = (
 def create_tab(runtime: Runtime) -> None:
     """Components and events of the tab, inside the current `gr.Tab`."""
     gr.Markdown(INTRO)
+    note = preview_note(runtime.registry, {names[0]: runtime.registry.first_available(names) for names in VARIANTS.values()})
+    if note:
+        gr.Markdown(note)
     identity = gr.State(None)  # identity coefficients copied from a photo, or None
     with gr.Row():
         with gr.Column():

@@ -16,7 +16,7 @@ from core.mesh import read_glb_asset_extras
 from core.pipelines.taxfree import CURATED_EXPRESSIONS, VARIANTS, TaxFreePipeline
 from core.provenance import read_png_provenance
 from core.runtime import Runtime
-from tabs.common import EXAMPLE_PHOTOS, MAX_UPLOAD_SIZE
+from tabs.common import EXAMPLE_PHOTOS, MAX_UPLOAD_SIZE, preview_note
 from tabs import available_tabs, taxfree
 from tabs.taxfree import BOTH
 from tests.tiny_weights import add_taxfree, load_registry
@@ -59,6 +59,9 @@ def test_fallback_models_serve_the_tab_when_the_preferred_ones_are_missing(tmp_p
     assert taxfree in available_tabs(registry)
     pipeline = TaxFreePipeline.from_pretrained(runtime=Runtime("cpu", registry=registry))
     assert pipeline.model_names == {variant: names[-1] for variant, names in VARIANTS.items()}
+    note = preview_note(registry, {names[0]: registry.first_available(names) for names in VARIANTS.values()})
+    assert "Preview models" in note and f"{VARIANTS['over-constrained'][-1]} (16 px)" in note
+    assert preview_note(registry, {names[-1]: names[-1] for names in VARIANTS.values()}) is None
 
 
 def test_copy_from_photo_fills_the_sliders(client):
