@@ -54,3 +54,4 @@ def test_seed_source_needs_no_photo_and_bad_values_are_refused(client):
     with pytest.raises(Exception, match="(?i)choices"):
         client.predict("webcam", None, 0, 2, 4, 1.0, 1.0, api_name="/beauty_optimize")
 
+

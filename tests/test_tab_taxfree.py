@@ -86,9 +86,11 @@ def test_bad_input_gets_clear_messages(client, tmp_path):
 
 def test_bundled_generators_turn_the_head_with_the_yaw_slider(app_client):
     """The launched app on its bundled weights: both generators answer with images, the render and a GLB, and
-    changing only the yaw slider turns the generated head that way. The landmark pose (`core.face.estimate_pose`)
-    is the camera's look-at yaw, the 3DMM yaw the head's rotation: they have opposite signs (r = -0.996 between
-    the dataset's fitted 3DMM yaw and its landmark yaw)."""
+    changing only the yaw slider (-25 -> +25 deg) turns the generated head that way: the issue asks for the
+    direction, a margin of 2 deg keeps landmark jitter out (how far it turns is measured by `eval_taxfree`'s slider
+    sweep, into the model cards). The landmark pose (`core.face.estimate_pose`) is the camera's look-at yaw, the
+    3DMM yaw the head's rotation: they have opposite signs (r = -0.996 between the dataset's fitted 3DMM yaw and
+    its landmark yaw)."""
     from training.eval_taxfree import landmark_measurements
 
     def landmark_yaw(path: str) -> float:
@@ -105,4 +107,4 @@ def test_bundled_generators_turn_the_head_with_the_yaw_slider(app_client):
             assert Image.open(condition).size == (256, 256) and len(trimesh.load(mesh, force="mesh").faces) > 0
             measured[yaw] = [landmark_yaw(item["image"]) for item in faces]
         for variant, before, after in zip(VARIANTS, measured[-25], measured[25]):
-            assert before - after > 10, (seed, variant, before, after)  # NaN (no face found) fails too
+            assert before - after > 2, (seed, variant, before, after)  # NaN (no face found) fails too

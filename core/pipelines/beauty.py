@@ -107,8 +107,8 @@ class OptimizerSettings:
     sigma0: float = 0.5  # initial step size, in standard deviations, at strength 1
     max_sigma: float = 1.0  # step-size bound, in standard deviations, at strength 1
     truncation_psi: float = 0.7  # seed path
-    refine_steps: int = 0  # Adam steps on W+ after the encoder (photo path)
-    refine_lr: float = 0.01
+    refine_steps: int = 60  # Adam steps on W+ after the encoder (photo path); 0: the encoder's code alone
+    refine_lr: float = 0.03
     refine_identity_weight: float = 0.5
     batch_size: int = 16  # candidates rendered at once
 
