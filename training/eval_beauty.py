@@ -28,6 +28,8 @@ from core.pipelines.beauty import (DEFAULT_BUDGET, DEFAULT_IDENTITY_WEIGHT, DEFA
 from training.eval.faces import descriptor_distance
 
 CARD_FILE = "README.md"
+DEFAULTS = {"budget": DEFAULT_BUDGET, "population": DEFAULT_POPULATION, "identity_weight": DEFAULT_IDENTITY_WEIGHT,
+            "strength": DEFAULT_STRENGTH}
 
 
 def evaluate(optimizer: BeautyOptimizer, photos: list[np.ndarray], budget: int = DEFAULT_BUDGET,
@@ -79,7 +81,8 @@ def card_section(summary: dict[str, Any], data: str, split: str) -> str:
     return (
         f"\n## Beauty optimisation on held-out faces (`training/eval_beauty.py`, {s['faces']} {split} crops of "
         f"`{Path(data).name}`)\n\n"
-        f"Settings: the tab's defaults ({settings['budget']} generations x {settings['population']} candidates, "
+        f"Settings: {'the tab defaults' if settings == DEFAULTS else 'not the tab defaults'} "
+        f"({settings['budget']} generations x {settings['population']} candidates, "
         f"identity weight {settings['identity_weight']}, strength {settings['strength']}); {s['skipped']} photos "
         f"skipped (no usable face).\n\n"
         "| measure | value | target |\n|---|---|---|\n"
@@ -110,6 +113,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--faces", type=int, default=50)
     parser.add_argument("--budget", type=int, default=DEFAULT_BUDGET)
     parser.add_argument("--population", type=int, default=DEFAULT_POPULATION)
+    parser.add_argument("--identity-weight", type=float, default=DEFAULT_IDENTITY_WEIGHT)
+    parser.add_argument("--strength", type=float, default=DEFAULT_STRENGTH)
     parser.add_argument("--out", help="write the results JSON here")
     parser.add_argument("--card", help="append the summary to this model folder's README.md")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -122,7 +127,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                 runtime=Runtime(args.device))
     archive = load_archive(args.data, split=args.split)
     photos = [archive.image(i) for i in range(min(args.faces, len(archive)))]
-    results = evaluate(optimizer, photos, budget=args.budget, population=args.population)
+    results = evaluate(optimizer, photos, budget=args.budget, population=args.population,
+                       identity_weight=args.identity_weight, strength=args.strength)
     results.update(generator=args.generator, encoder=args.encoder, data=args.data, split=args.split)
     print(json.dumps(results["summary"], indent=1), flush=True)
     if args.out:
