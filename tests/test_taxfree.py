@@ -253,6 +253,9 @@ def test_evaluation_produces_numbers_for_tiny_generators(archive, estimator_dir,
     assert 0 <= control["detected"] <= 1 and control["pairs"] <= 4  # random 16-px images: usually no face
     errors = results["taxfree"]["estimator_vs_requested"]
     assert np.isfinite(errors["yaw_mae_deg"]) and set(errors["curated_expressions"]) >= {"jawOpen", "eyeBlink_L"}
+    variety = results["taxfree"]["seed_variety"]
+    assert variety["labels"] == 4 and variety["std_over_seeds"] > 0 and variety["std_over_labels"] > 0
+    assert "How much the latent z matters" in (conditional / "README.md").read_text()
     sliders = results["taxfree"]["slider_control"]
     assert sliders["seeds"] == 2 and "slider_control" not in results["base"]
     assert all(0 <= sliders[axis]["detected"] <= 1 for axis in ("yaw", "pitch"))
@@ -285,6 +288,22 @@ def test_base_generator_evaluation_counts_detected_faces(archive, tmp_path, monk
     assert result["face_detected"] == pytest.approx(np.mean(images.reshape(6, -1).mean(1) > 127))
     assert result["fd_id_count"] == 4 and result["fd_id"] >= 0 and result["fd_id_real_floor"] >= 0
     assert "| face detected (MediaPipe), 6 samples at psi 0.7 |" in (base / "README.md").read_text()
+
+
+def test_seed_variety_tells_a_generator_that_ignores_z():
+    class OnlyC(torch.nn.Module):  # images depend on c alone
+        z_dim = 4
+
+        def forward(self, z, c, noise_mode="const"):
+            return c[:, :1, None, None].expand(-1, 3, 2, 2) + 0 * z[:, :1, None, None]
+
+    class ZToo(OnlyC):
+        def forward(self, z, c, noise_mode="const"):
+            return (c[:, :1] + z[:, :1])[:, :, None, None].expand(-1, 3, 2, 2) / 4
+
+    c = torch.tensor([[-0.5], [0.0], [0.5]])
+    assert eval_taxfree.seed_variety(OnlyC(), c)["std_over_seeds"] == 0
+    assert eval_taxfree.seed_variety(ZToo(), c)["ratio"] > 0.5
 
 
 def test_smaller_generators_are_measured_at_the_real_crops_size():

@@ -1,7 +1,7 @@
 """The app as a user sees it: headless Chromium opens every tab, checks it renders, and saves screenshots.
 
-Two apps: the one this checkout launches (bundled weights: About only until the generators are trained), and the
-whole app on tiny random models for every method tab (`all_tabs_url` in conftest.py). In the latter each method tab
+Two apps: the one this checkout launches (bundled weights: the tabs they serve, used like below, and About), and
+the whole app on tiny random models for every method tab (`all_tabs_url` in conftest.py). In the latter each method tab
 is used as a person would: open it, pick an example photo where the tab needs one (a seed elsewhere), press its
 primary button, wait for the outputs, then check what shows: output images loaded, the GLB viewer (`gr.Model3D`) of
 the 3D tabs open at its size and drawing the returned mesh (gradio-app/gradio#7632 reported it collapsed in a
@@ -52,15 +52,26 @@ def browser():
         browser.close()
 
 
-@pytest.fixture(scope="module")
-def page(browser, app_client):
+def _open_page(browser, url: str):
     page = browser.new_page(viewport={"width": 1280, "height": 900})
-    page.goto(app_client.src, wait_until="networkidle")
+    page_errors: list[str] = []
+    page.on("pageerror", lambda error: page_errors.append(str(error)))
+    page.goto(url, wait_until="load")  # a queue heartbeat stays open: no "networkidle"
+    page.get_by_role("tab", name="About").wait_for()
+    page.page_errors = page_errors
+    return page
+
+
+@pytest.fixture(scope="module")
+def bundled_page(browser, app_client):
+    """The app this checkout launches (bundled weights)."""
+    page = _open_page(browser, app_client.src)
     yield page
     page.close()
 
 
-def test_every_tab_renders(page, tmp_path):
+def test_every_tab_renders(bundled_page, tmp_path):
+    page = bundled_page
     out = _screenshot_dir(tmp_path)
     tabs = page.get_by_role("tab")
     names = [tabs.nth(i).inner_text().strip() for i in range(tabs.count())]
@@ -174,12 +185,7 @@ TAB_CHECKS = (
 
 @pytest.fixture(scope="module")
 def app_page(browser, all_tabs_url):
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
-    page_errors: list[str] = []
-    page.on("pageerror", lambda error: page_errors.append(str(error)))
-    page.goto(all_tabs_url, wait_until="load")  # a queue heartbeat stays open: no "networkidle"
-    page.get_by_role("tab", name="About").wait_for()
-    page.page_errors = page_errors
+    page = _open_page(browser, all_tabs_url)
     yield page
     page.close()
 
@@ -207,6 +213,24 @@ def _wait_until(condition: Callable[[], bool], page, timeout_ms: int) -> bool:
     return condition()
 
 
+def _bundled_checks() -> list[TabCheck]:
+    """The checks of the method tabs that this checkout's bundled weights serve."""
+    from core.methods import METHODS
+    from core.weights import default_registry
+    from tabs import available_tabs
+
+    titles = {method.key: method.title for method in METHODS}
+    shown = {titles[tab.KEY] for tab in available_tabs(default_registry())}
+    return [check for check in TAB_CHECKS if check.name in shown]
+
+
+@pytest.mark.parametrize("check", _bundled_checks(), ids=[_slug(check.name) for check in _bundled_checks()])
+def test_bundled_tab_in_use(bundled_page, check, tmp_path):
+    """The tabs the bundled weights serve, used the same way on the app this checkout launches. Defined before
+    the tests of the all-tabs app: its fixture replaces the beauty pipeline while it lives."""
+    _use_tab(bundled_page, check, _screenshot_dir(tmp_path) / f"bundled-{_slug(check.name)}.png")
+
+
 def test_all_tabs_show(app_page):
     tabs = app_page.get_by_role("tab")
     names = [tabs.nth(i).inner_text().strip() for i in range(tabs.count())]
@@ -215,9 +239,13 @@ def test_all_tabs_show(app_page):
 
 @pytest.mark.parametrize("check", TAB_CHECKS, ids=[_slug(check.name) for check in TAB_CHECKS])
 def test_method_tab_in_use(app_page, check, tmp_path):
+    _use_tab(app_page, check, _screenshot_dir(tmp_path) / f"all-tabs-{_slug(check.name)}.png")
+
+
+def _use_tab(page, check: TabCheck, screenshot: Path) -> None:
+    """Drive one method tab as `check` says, check what shows, and save a screenshot."""
     from playwright.sync_api import expect
 
-    page = app_page
     page.get_by_role("tab", name=check.name).click()
     panel = page.locator("[role=tabpanel]:visible")
     expect(panel).to_have_count(1)
@@ -251,7 +279,7 @@ def test_method_tab_in_use(app_page, check, tmp_path):
     errors = page.locator(".toast-body.error")
     assert errors.count() == 0, f"error toast: {errors.first.inner_text()}"
     assert not page.page_errors, page.page_errors
-    page.screenshot(path=str(_screenshot_dir(tmp_path) / f"all-tabs-{_slug(check.name)}.png"), full_page=True)
+    page.screenshot(path=str(screenshot), full_page=True)
 
 
 def test_about_lists_every_method_available(app_page, tmp_path):

@@ -19,7 +19,9 @@ normalised as in their config.json `conditioning`), then
   swept over `SLIDER_YAWS` (`SLIDER_PITCHES`) and the landmark pose of each image is measured. The landmark pose is
   the camera's look-at angle, not the head's 3DMM rotation, so the expected landmark angle of a request comes from
   a line fitted to the test split's (3DMM angle, landmark angle) pairs; reported: the median absolute error to that
-  line (deg), the Pearson r of requested vs measured angle and the fitted slope next to the data's.
+  line (deg), the Pearson r of requested vs measured angle and the fitted slope next to the data's;
+* seed variety: how much the image changes with z at a fixed p against how much it changes with p at a fixed z
+  (`seed_variety`): a conditional generator that memorised its training labels ignores z.
 The real test crops go through the same measurements as a reference row (F_R's own error; pose error 0 by
 construction); its FD-id is that of as many real train crops against the test crops (the floor at this sample
 count: FD-id grows as the count shrinks, so compare rows of one run only).
@@ -166,6 +168,18 @@ def slider_control(generator: torch.nn.Module, conditioning: dict, relations: di
     return result
 
 
+@torch.no_grad()
+def seed_variety(generator: torch.nn.Module, c: torch.Tensor, seeds: int = 8) -> dict:
+    """How much z matters next to c: the per-pixel standard deviation over `seeds` latents at each fixed c (rows of
+    `c`), and over the rows of `c` at each fixed latent, both averaged (images in [0, 1])."""
+    z = torch.randn([seeds, generator.z_dim], generator=torch.Generator().manual_seed(0))
+    images = torch.stack([generator(z, row.expand(seeds, -1), noise_mode="const") for row in c])  # [labels, seeds, ...]
+    images = (images.clamp(-1, 1) + 1) / 2
+    over_seeds, over_labels = float(images.std(dim=1).mean()), float(images.std(dim=0).mean())
+    return {"labels": len(c), "seeds": seeds, "std_over_seeds": over_seeds, "std_over_labels": over_labels,
+            "ratio": over_seeds / over_labels}
+
+
 def evaluate(data: str | Path, generators: dict[str, str | Path], estimator_dir: str | Path = DEFAULT_ESTIMATOR,
              count: int | None = None, seed: int = 0, slider_seeds: int = 20) -> dict:
     """Metrics of the real test crops ("real") and of each named generator folder on the archive's test split."""
@@ -201,6 +215,8 @@ def evaluate(data: str | Path, generators: dict[str, str | Path], estimator_dir:
         results[name] = evaluate_images(images, None if c is None else requested, real_embeddings, real_landmarks,
                                         estimator)  # fmt: skip
         results[name].update(generator=str(directory), generated_px=generated_px)
+        if c is not None:
+            results[name]["seed_variety"] = seed_variety(generator, c[:8])
         if conditioning is not None and slider_seeds:
             results[name]["slider_control"] = slider_control(generator, conditioning, relations, slider_seeds,
                                                              reals.shape[1])
@@ -240,6 +256,13 @@ def summary_table(results: dict) -> str:
                          f"({cell(yaw['data_slope'])}) | {cell(pitch['median_error_deg'])} | {cell(pitch['r'])} | "
                          f"{cell(pitch['slope'])} ({cell(pitch['data_slope'])}) | "
                          f"{cell(min(yaw['detected'], pitch['detected']))} |")
+    varieties = [(name, results[name]["seed_variety"]) for name in MODEL_NAMES if "seed_variety" in results.get(name, {})]
+    if varieties:
+        lines += ["", f"How much the latent z matters next to p ({varieties[0][1]['labels']} test labels x "
+                  f"{varieties[0][1]['seeds']} seeds; per-pixel std, images in [0, 1]):", "",
+                  "| generator | std over seeds (fixed p) | std over labels (fixed z) | ratio |", "|---|---|---|---|"]
+        lines += [f"| {name} | {cell(v['std_over_seeds'], 3)} | {cell(v['std_over_labels'], 3)} | {cell(v['ratio'])} |"
+                  for name, v in varieties]
     return "\n".join(lines)
 
 
