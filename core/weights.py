@@ -301,8 +301,8 @@ class Registry:
         return ("hub" if entry.repo_id and entry.revision else "missing"), None
 
     def is_available(self, name: str) -> bool:
-        """Registered and resolvable without a network failure being certain: bundled, cached, convertible from its
-        package or pinned on the Hub."""
+        """Registered and resolvable: bundled, converted or cached, convertible from its installed package, or
+        pinned on the Hub (which may still fail offline)."""
         return name in self._entries and self.locate(name)[0] != "missing"
 
     def first_available(self, names: Sequence[str]) -> str:

@@ -1,8 +1,9 @@
 """Beauty optimisation (arXiv 2501.00811, docs/methods.md §4): move a face's StyleGAN latent with CMA-ES to raise a
 learned beauty score while keeping its identity.
 
-Photo path: `core.face.prepare_face` -> `StyleEncoder` (W+) -> optionally a few Adam steps on W+ (pixel L2 +
-identity loss; LPIPS is not available offline). Seed path: z = `np.random.RandomState(seed).randn(1, z_dim)` (the
+Photo path: `core.face.prepare_face` -> `StyleEncoder` (W+) -> `refine_steps` Adam steps on W+ (pixel L2 +
+identity loss; LPIPS is not available offline; 60 by default: the encoder's code alone lost skin tone and
+accessories in the 32-px preview). Seed path: z = `np.random.RandomState(seed).randn(1, z_dim)` (the
 NVlabs convention) through the mapping network with truncation.
 
 Search space: the top-k principal directions of W (computed once per generator from mapped random z, cached),
