@@ -33,8 +33,7 @@ from core.nets import CONFIG_FILE, WEIGHTS_FILE, load_generator
 from core.nets.encoders import build_head3d_encoder
 from core.pipelines.head3d import Head3DPipeline
 from core.runtime import Runtime
-from training.eval.faces import (descriptor_distance, face_detection_rate, frechet_identity_distance,
-                                 identity_encoder)
+from training.eval.faces import descriptor_distance, frechet_identity_distance, identity_encoder
 
 DETECTION_YAWS = (-40.0, -20.0, 0.0, 20.0, 40.0)
 CONSISTENCY_YAW = 30.0
@@ -79,13 +78,15 @@ def evaluate(pipeline: Head3DPipeline, test_crops: list[np.ndarray], seeds: int 
         margins.append(nose_depth_margin(pipeline, ws, frontal[-1]))
     consistency = [pipeline.identity_similarity(np.stack([front, front]), pair)
                    for front, pair in zip(frontal, turned)]
+    detected = [bool(detect_faces(image)) for image in renders]
+    frontal_detected = detected[DETECTION_YAWS.index(0.0)::len(DETECTION_YAWS)]
     threshold = pipeline.identity.config["same_person_distance"]
-    same_person = [all(detect_faces(view) for view in (front, *pair))
+    same_person = [found and all(detect_faces(view) for view in pair)
                    and bool(np.all(descriptor_distance([front, front], list(pair), pipeline.identity) < threshold))
-                   for front, pair in zip(frontal, turned)]
+                   for found, front, pair in zip(frontal_detected, frontal, turned)]
     metrics: dict[str, Any] = {
         "seeds": seeds,
-        "face_detection_rate": face_detection_rate(renders),
+        "face_detection_rate": float(np.mean(detected)),
         "identity_consistency": float(np.mean(consistency)),
         "same_person_rate": float(np.mean(same_person)),
         "nose_in_front_rate": float(np.mean([margin > 0 for margin in margins])),
