@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from core.nets.encoders import style_layer_groups
 from core.provenance import Provenance
+from core.weights import Registry, WeightsError
 
 METHOD = "Regression-guided beauty optimization"
 
@@ -64,10 +65,8 @@ class LatentBasis:
 _BASIS_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, LatentBasis]" = weakref.WeakKeyDictionary()
 
 
-def available_generator_encoder(registry) -> tuple[str, str]:
+def available_generator_encoder(registry: Registry) -> tuple[str, str]:
     """The first (generator, encoder) of GENERATOR_ENCODER_PAIRS whose two models are available; WeightsError if none."""
-    from core.weights import WeightsError
-
     for pair in GENERATOR_ENCODER_PAIRS:
         if all(registry.is_available(name) for name in pair):
             return pair
