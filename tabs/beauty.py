@@ -24,7 +24,8 @@ PLOT_CAPTION = ("Best candidate: the generation's best by the objective (beauty 
 INTRO = (
     "Invert a face into a StyleGAN, then let CMA-ES move its latent along the main directions of the latent space to "
     "raise a learned beauty score while an identity penalty keeps the person recognisable "
-    "([Regression-guided facial beauty optimization](https://arxiv.org/abs/2501.00811)). A second, independently "
+    "([Regression-guided facial beauty optimization](https://arxiv.org/abs/2501.00811)); candidates that the identity "
+    "network would call another person are rejected. A second, independently "
     "trained scorer checks that the gain is not the optimiser exploiting the first one."
 )
 
@@ -38,6 +39,12 @@ def available(registry: Registry) -> bool:
     return True
 
 
+def _same_person(result) -> str:
+    verdict = "the same person" if result.identity_distance < result.same_person_distance else "**another person**"
+    return (f"The identity network sees {verdict} (descriptor distance {result.identity_distance:.2f}; same person "
+            f"below {result.same_person_distance:g}).")
+
+
 def _scores_markdown(result) -> str:
     return (
         "| | before (reconstruction) | after (optimized) |\n|---|---|---|\n"
@@ -45,7 +52,7 @@ def _scores_markdown(result) -> str:
         f"| independent evaluator (1-10) | {result.evaluator_before:.2f} | **{result.evaluator_after:.2f}** |\n"
         f"| identity similarity to the input | {result.reconstruction_identity:.3f} | "
         f"**{result.identity_similarity:.3f}** |\n\n"
-        f"{result.evaluations} candidates scored in {result.timings['total_s']:.1f} s."
+        f"{_same_person(result)} {result.evaluations} candidates scored in {result.timings['total_s']:.1f} s."
     )
 
 

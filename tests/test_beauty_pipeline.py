@@ -60,10 +60,18 @@ class Brightness(torch.nn.Module):
 
 
 class PooledIdentity(torch.nn.Module):
-    """A cheap identity stand-in: unit vectors of 4x4-pooled pixels."""
+    """A cheap identity stand-in: 4x4-pooled pixels as the raw descriptor."""
+
+    config = {"same_person_distance": 10.0}  # far: the identity barrier stays off unless a test moves it
+
+    def chip_from_aligned(self, images: torch.Tensor) -> torch.Tensor:
+        return images
+
+    def descriptor(self, images: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(images, 4).flatten(1)
 
     def embed_aligned(self, images: torch.Tensor) -> torch.Tensor:
-        return F.normalize(F.adaptive_avg_pool2d(images, 4).flatten(1), dim=1)
+        return F.normalize(self.descriptor(images), dim=1)
 
 
 @pytest.fixture(scope="module")
@@ -170,6 +178,23 @@ def test_strength_bounds_the_search_and_identity_weight_holds_identity(pipeline)
     assert held.identity_similarity > free.identity_similarity
     with pytest.raises(ValueError):
         pipeline(seed=2, budget=0)
+
+
+def test_identity_barrier_keeps_the_result_within_the_same_person_distance(pipeline):
+    fixture_settings = pipeline.settings
+    try:
+        pipeline.settings = OptimizerSettings(directions=3, batch_size=8, identity_barrier=0.0)
+        free = pipeline(seed=2, budget=6, population=6, identity_weight=0.0)
+        allowed = free.identity_distance / 2
+        margin = free.same_person_distance - allowed
+        pipeline.settings = OptimizerSettings(directions=3, batch_size=8, identity_margin=margin)
+        guarded = pipeline(seed=2, budget=6, population=6, identity_weight=0.0)
+    finally:
+        pipeline.settings = fixture_settings
+    assert free.same_person_distance == 10.0 and free.identity_distance > 0.05
+    assert guarded.identity_distance <= allowed + 1e-4
+    assert guarded.score_after > guarded.score_before  # the search still finds a gain inside the allowed distance
+    assert free.score_after > guarded.score_after
 
 
 def test_photo_path_aligns_encodes_and_refines(pipeline):
@@ -334,6 +359,12 @@ def test_beauty_evaluation_cli_reports_the_issue_targets(tmp_path):
     assert json.loads(out.read_text())["summary"] == summary
     card = (encoder_dir / "README.md").read_text()
     assert "Beauty optimisation on held-out faces" in card and f"{summary['evaluator_gain_mean']:+.3f}" in card
+    assert summary["identity_barrier"] == {"margin": 0.1, "weight": 50.0} and "barrier from descriptor distance 0.5" in card
+    (encoder_dir / "README.md").write_text(card + "\n## Later section\n\nkept\n")
+    eval_beauty.write_card_section(encoder_dir / "README.md", "\n## Beauty optimisation on held-out faces (again)\n\nnew\n")
+    card = (encoder_dir / "README.md").read_text()
+    assert card.count("## Beauty optimisation on held-out faces") == 1 and card.startswith("# encoder\n")
+    assert "(again)" in card and "## Later section\n\nkept" in card
 
 
 def test_from_pretrained_and_the_tab_use_the_first_available_generator_encoder_pair(tmp_path):

@@ -64,6 +64,8 @@ def evaluate(optimizer: BeautyOptimizer, photos: list[np.ndarray], budget: int =
         "faces": len(rows), "skipped": len(skipped), "same_person_distance": threshold,
         "settings": {"budget": budget, "population": population, "identity_weight": identity_weight,
                      "strength": strength},
+        "identity_barrier": {"margin": optimizer.settings.identity_margin,
+                             "weight": optimizer.settings.identity_barrier},
         "scorer_gain_mean": float(np.mean(column("score_after") - column("score_before"))),
         "evaluator_gain_mean": float(np.mean(evaluator_gain)),
         "evaluator_gain_positive_rate": float(np.mean(evaluator_gain > 0)),
@@ -83,8 +85,9 @@ def card_section(summary: dict[str, Any], data: str, split: str) -> str:
         f"`{Path(data).name}`)\n\n"
         f"Settings: {'the tab defaults' if settings == DEFAULTS else 'not the tab defaults'} "
         f"({settings['budget']} generations x {settings['population']} candidates, "
-        f"identity weight {settings['identity_weight']}, strength {settings['strength']}); {s['skipped']} photos "
-        f"skipped (no usable face).\n\n"
+        f"identity weight {settings['identity_weight']}, strength {settings['strength']}); identity barrier from "
+        f"descriptor distance {s['same_person_distance'] - s['identity_barrier']['margin']:g} on, weight "
+        f"{s['identity_barrier']['weight']:g}; {s['skipped']} photos skipped (no usable face).\n\n"
         "| measure | value | target |\n|---|---|---|\n"
         f"| independent evaluator: mean gain | {s['evaluator_gain_mean']:+.3f} "
         f"(positive for {100 * s['evaluator_gain_positive_rate']:.0f} % of faces) | > 0 |\n"
@@ -135,9 +138,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=1))
     if args.card:
-        with open(Path(args.card) / CARD_FILE, "a") as card:
-            card.write(card_section(results["summary"], args.data, args.split))
+        write_card_section(Path(args.card) / CARD_FILE, card_section(results["summary"], args.data, args.split))
     return results
+
+
+def write_card_section(card: Path, section: str) -> None:
+    """Append `section` to the card, replacing an earlier section of the same heading."""
+    heading = section.lstrip("\n").split("(", 1)[0]
+    text = card.read_text()
+    start = text.find("\n" + heading)
+    if start >= 0:
+        end = text.find("\n## ", start + 1)
+        text = text[:start] + (text[end:] if end >= 0 else "\n")
+    card.write_text(text.rstrip("\n") + "\n" + section)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,10 @@ layers by default): dimension k x groups. CMA-ES (`cma`, seeded through its own 
 a bounded step size) maximises
 
     beauty(G(w + d)) - identity_weight * (1 - cos(id(G(w + d)), id(input))) - latent_weight * mean(a^2)
+                     - identity_barrier * max(0, |desc(G(w + d)) - desc(input)| - (same_person_distance - identity_margin))
 
-where a are the coefficients. Every population is rendered and scored as one batch under inference mode.
+where a are the coefficients and desc the identity network's raw descriptor: the barrier keeps the result inside
+the network's same-person distance (0.6), with a margin, whatever the soft identity weight. Every population is rendered and scored as one batch under inference mode.
 Attractiveness models encode the biases of their raters and data; the numbers here say what this model rewards,
 nothing about a person.
 """
@@ -110,6 +112,8 @@ class OptimizerSettings:
     refine_steps: int = 60  # Adam steps on W+ after the encoder (photo path); 0: the encoder's code alone
     refine_lr: float = 0.03
     refine_identity_weight: float = 0.5
+    identity_margin: float = 0.1  # the barrier starts this far inside the identity network's same-person distance
+    identity_barrier: float = 50.0  # objective penalty per unit of descriptor distance beyond that
     batch_size: int = 16  # candidates rendered at once
 
 
@@ -136,8 +140,10 @@ class BeautyResult:
     score_after: float
     evaluator_before: float
     evaluator_after: float
-    identity_similarity: float  # optimised face vs the input
+    identity_similarity: float  # optimised face vs the input (cosine of the identity embeddings)
     reconstruction_identity: float  # reconstruction vs the input
+    identity_distance: float  # optimised face vs the input: raw-descriptor distance
+    same_person_distance: float  # the identity network calls a pair the same person below this distance
     history: list[GenerationRecord]
     latent_offset: np.ndarray  # [num_ws, w_dim], added to the reconstruction's W+
     coefficients: np.ndarray  # the best CMA-ES solution (standard deviations along the principal directions)
@@ -262,7 +268,7 @@ class BeautyOptimizer:
 
         def refine(_):
             latent = ws.clone().requires_grad_(True)  # clones of inference tensors can be optimised
-            reference = anchor.clone()
+            reference = F.normalize(anchor, dim=1)
             optimizer = torch.optim.Adam([latent], lr=self.settings.refine_lr)
             for _step in range(self.settings.refine_steps):
                 image = self._synthesize(latent)
@@ -277,16 +283,25 @@ class BeautyOptimizer:
 
     # ---- scoring ---------------------------------------------------------------------------------------------
 
-    def _score(self, ws: torch.Tensor, anchor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Images, beauty scores and identity similarities to `anchor` of a batch of W+ codes (inference mode)."""
+    def _descriptor(self, images: torch.Tensor) -> torch.Tensor:
+        """The identity network's raw descriptors of aligned crops (float32)."""
+        return self.identity.descriptor(self.identity.chip_from_aligned(images)).float()
+
+    def _score(self, ws: torch.Tensor, anchor: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Images, beauty scores, identity cosines and descriptor distances to `anchor` (a raw descriptor) of a
+        batch of W+ codes (inference mode)."""
+        unit_anchor = F.normalize(anchor, dim=1)
+
         def render(_):
-            images, scores, similarities = [], [], []
+            images, scores, similarities, distances = [], [], [], []
             for chunk in ws.split(self.settings.batch_size):
                 image = self._synthesize(chunk)
                 images.append(image)
                 scores.append(self.scorer(image).float())
-                similarities.append((self.identity.embed_aligned(image).float() * anchor).sum(dim=1))
-            return torch.cat(images), torch.cat(scores), torch.cat(similarities)
+                descriptor = self._descriptor(image)
+                similarities.append((F.normalize(descriptor, dim=1) * unit_anchor).sum(dim=1))
+                distances.append((descriptor - anchor).norm(dim=1))
+            return tuple(torch.cat(parts) for parts in (images, scores, similarities, distances))
 
         return self.runtime.run(render, fp16_safe=False, what="the generator and scorers")
 
@@ -320,7 +335,7 @@ class BeautyOptimizer:
             ws = self._seed_latent(seed)
             images = self.runtime.run(lambda _: self._synthesize(ws), fp16_safe=False, what="the generator")
             input_image = to_uint8(images)[0]
-            anchor = self.runtime.run(lambda _: self.identity.embed_aligned(images), fp16_safe=False,
+            anchor = self.runtime.run(lambda _: self._descriptor(images), fp16_safe=False,
                                       what="the identity network")
         else:
             from core.face import prepare_face
@@ -329,12 +344,18 @@ class BeautyOptimizer:
             warnings.extend(prepared.warnings)
             input_image = prepared.image
             target = to_tensor(input_image, self.device)
-            anchor = self.runtime.run(lambda _: self.identity.embed_aligned(target), fp16_safe=False,
+            anchor = self.runtime.run(lambda _: self._descriptor(target), fp16_safe=False,
                                       what="the identity network")
             ws = self.invert(target, anchor)
         timings["inversion_s"] = time.perf_counter() - start
 
-        reconstruction, score_before, identity_before = self._score(ws, anchor)
+        reconstruction, score_before, identity_before, distance_before = self._score(ws, anchor)
+        same_person_distance = float(self.identity.config["same_person_distance"])
+        allowed_distance = same_person_distance - cfg.identity_margin
+
+        def objective_of(scores, similarities, distances, coefficients) -> np.ndarray:
+            return (scores - identity_weight * (1 - similarities) - cfg.latent_weight * np.mean(coefficients ** 2, axis=1)
+                    - cfg.identity_barrier * np.maximum(0.0, distances - allowed_distance))
         groups = [style_layer_groups(ws.shape[1])[g] for g in cfg.edited_groups]
         basis = principal_directions(self.generator, cfg.directions)
         dimension = cfg.directions * len(groups)
@@ -357,15 +378,16 @@ class BeautyOptimizer:
         }
         strategy = cma.CMAEvolutionStrategy(np.zeros(dimension), cfg.sigma0 * strength, options)
         history: list[GenerationRecord] = []
-        best = (-np.inf, np.zeros(dimension))
+        # the reconstruction (no offset) is the result unless a candidate beats it
+        start_measures = (m.cpu().double().numpy() for m in (score_before, identity_before, distance_before))
+        best = (float(objective_of(*start_measures, np.zeros((1, dimension)))[0]), np.zeros(dimension))
         evaluations = 0
         opt_start = time.perf_counter()
         while len(history) < budget and not strategy.stop():
             candidates = strategy.ask()
-            _, scores, similarities = self._score(ws + offsets(np.stack(candidates)), anchor)
-            scores, similarities = scores.cpu().double().numpy(), similarities.cpu().double().numpy()
-            squared = np.mean(np.square(candidates), axis=1)
-            objective = scores - identity_weight * (1 - similarities) - cfg.latent_weight * squared
+            _, *measures = self._score(ws + offsets(np.stack(candidates)), anchor)
+            scores, similarities, distances = (measure.cpu().double().numpy() for measure in measures)
+            objective = objective_of(scores, similarities, distances, np.stack(candidates))
             strategy.tell(candidates, (-objective).tolist())
             evaluations += len(candidates)
             top = int(np.argmax(objective))
@@ -379,7 +401,7 @@ class BeautyOptimizer:
         timings["optimisation_s"] = time.perf_counter() - opt_start
 
         offset = offsets(best[1][None])
-        optimized, score_after, identity_after = self._score(ws + offset, anchor)
+        optimized, score_after, identity_after, distance_after = self._score(ws + offset, anchor)
         timings["total_s"] = time.perf_counter() - start
         return BeautyResult(
             input_image=input_image,
@@ -391,6 +413,8 @@ class BeautyOptimizer:
             evaluator_after=self._evaluate(optimized),
             identity_similarity=float(identity_after[0]),
             reconstruction_identity=float(identity_before[0]),
+            identity_distance=float(distance_after[0]),
+            same_person_distance=same_person_distance,
             history=history,
             latent_offset=offset[0].cpu().numpy(),
             coefficients=best[1],
