@@ -73,12 +73,13 @@ def preview_note(registry, chosen: dict[str, str]) -> str | None:
         return None
 
     def resolution(name: str) -> str:
-        size = registry.load_config(name).get("init_kwargs", {}).get("img_resolution")
+        config = registry.load_config(name)
+        size = config.get("init_kwargs", {}).get("img_resolution") or config.get("config", {}).get("resolution")
         return f"{name} ({size} px)" if size else name
 
-    return ("**Preview models.** This tab runs on small generators trained on a CPU, not yet on the GPU-trained ones "
+    return ("**Preview models.** This tab runs on small models trained on a CPU, not yet on the GPU-trained ones "
             f"it is built for: {', '.join(resolution(name) for name in previews.values())}, instead of "
-            f"{', '.join(previews)}. Expect small, soft faces; the controls work the same way.")
+            f"{', '.join(previews)}. Expect small, soft images; the controls work the same way.")
 
 
 def randomize_seed(seed: int, randomize: bool) -> int:

@@ -99,6 +99,26 @@ def test_pipeline_edits_only_inside_the_mask():
     assert result.seconds > 0 and result.provenance.seed == 7
 
 
+def test_keep_detail_adds_the_decoded_change_to_the_photo():
+    pipeline = Latents2SemanticsPipeline(tiny_model())
+    crop = random_crop(64)
+    region = next(name for name in TINY.regions
+                  if (pipeline(crop, name, MODES[0], strength=0.0).blend_mask == 1).any())
+    unchanged = pipeline(crop, region, MODES[0], strength=0.0, keep_detail=True)
+    pasted = pipeline(crop, region, MODES[0], strength=0.0)
+    assert np.array_equal(unchanged.edited[0], crop)  # no style change: the photo as it was, detail and all
+    assert not np.array_equal(pasted.edited[0], crop)  # the paper's blend pastes the decoder's reconstruction
+    edited = pipeline(crop, region, MODES[0], strength=1.5, seed=3, keep_detail=True)
+    plain = pipeline(crop, region, MODES[0], strength=1.5, seed=3)
+    inside, outside = edited.blend_mask == 1, edited.blend_mask == 0
+    assert np.array_equal(edited.edited[0][outside], crop[outside])
+    change = edited.edited[0].astype(int) - crop.astype(int)
+    decoded_change = plain.edited[0].astype(int) - pasted.edited[0].astype(int)  # x_g - G(S, s) on the region
+    unclipped = inside & (edited.edited[0] > 0).all(-1) & (edited.edited[0] < 255).all(-1)
+    assert np.abs(change[unclipped] - decoded_change[unclipped]).max() <= 2  # up to rounding
+    assert edited.provenance.parameters["keep_detail"] is True
+
+
 def test_pipeline_reference_mode_and_errors():
     pipeline = Latents2SemanticsPipeline(tiny_model())
     crop, reference = random_crop(32, 0), random_crop(32, 1)
@@ -159,6 +179,9 @@ def test_evaluation_numbers_and_card(tmp_path):
     assert metrics["max_locality"] == 0.0  # the blend leaves everything beyond the dilated mask untouched
     for values in metrics["regions"].values():
         assert 0 <= values["mask_iou"] <= 1
+        assert (values["strength"] is None) == (values["strength_keep_detail"] is None)
+    edited = [v for v in metrics["regions"].values() if v["strength"] is not None]
+    assert edited and all(v["strength"] >= 0 and v["strength_keep_detail"] >= 0 for v in edited)
     write_metrics(tmp_path, metrics, "test")
     write_metrics(tmp_path, metrics, "test")
     card = (tmp_path / "README.md").read_text()

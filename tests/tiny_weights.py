@@ -88,15 +88,15 @@ def add_taxfree(weights_dir: Path, alternative: int = 0) -> None:
         register(folder, name, weights_dir)
 
 
-def add_l2sae(weights_dir: Path) -> None:
-    """A tiny random Latents2Semantics autoencoder."""
-    folder = weights_dir / latents2semantics.MODEL_NAME
+def add_l2sae(weights_dir: Path, name: str = latents2semantics.MODEL_NAMES[0]) -> None:
+    """A tiny random Latents2Semantics autoencoder registered as `name`."""
+    folder = weights_dir / name
     folder.mkdir()
     torch.manual_seed(0)
     model = L2SAE(TINY_L2SAE)
     save_file({k: v.half() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
     (folder / "config.json").write_text(json.dumps({"kind": "l2sae", "config": TINY_L2SAE.to_dict()}))
-    register(folder, latents2semantics.MODEL_NAME, weights_dir)
+    register(folder, name, weights_dir)
 
 
 def add_head3d_generator(weights_dir: Path) -> torch.nn.Module:

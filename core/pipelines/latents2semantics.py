@@ -4,7 +4,9 @@ One call: align the face (`core.face.prepare_face`, or take an aligned crop), en
 (`core.nets.l2sae`) into structure S and style s, predict the region masks from S's slices, edit the style
 (random: `s + strength * noise` through the Style Manipulation Network, one variant per seed; reference:
 `s + strength * (s_ref - s)`, strength 1 = swap), decode `x_g = G(S, s')` and blend it into the input crop:
-`y = x + M * (x_g - x)`.
+`y = x + M * (x_g - x)`. With `keep_detail`, the decoded change is added to the photo instead, `y = x + M * (x_g -
+G(S, s))`: the photo keeps its own fine detail (hair strands, skin texture) where a low-resolution decoder would
+paste a soft region.
 
 Locality by construction: M is the predicted region (argmax of the mask logits == region) dilated by `feather`
 pixels and then box-blurred with the same radius, so M is 1 on the region and exactly 0 farther than
@@ -30,7 +32,9 @@ from core.provenance import Provenance
 from core.runtime import Runtime
 
 METHOD = "Latents2Semantics"
-MODEL_NAME = "l2sae-faces128"
+# Registry models, preferred first: the 128-px L2SAE of the training plan, then the 64-px preview trained on a CPU
+# (weights/l2sae_faces64).
+MODEL_NAMES = ("l2sae-faces128", "l2sae-faces64")
 MODES = ("random style", "style from reference")
 CROP_SIZE = 256
 FEATHER_FRACTION = 1 / 64  # feather radius as a fraction of the crop side (4 px at 256, 2 px at 128)
@@ -87,7 +91,7 @@ def _to_uint8(images: torch.Tensor) -> np.ndarray:
 class Latents2SemanticsPipeline:
     """Region style edits with an L2SAE; build with `from_pretrained` or pass a model (e.g. a tiny random one)."""
 
-    def __init__(self, model: L2SAE, runtime: Runtime | None = None, model_name: str = MODEL_NAME,
+    def __init__(self, model: L2SAE, runtime: Runtime | None = None, model_name: str = MODEL_NAMES[0],
                  revision: str | None = None, crop_size: int = CROP_SIZE):
         self.runtime = runtime or Runtime("cpu")
         self.model = model.to(self.runtime.device).eval().requires_grad_(False)
@@ -97,10 +101,11 @@ class Latents2SemanticsPipeline:
         self.crop_size = crop_size
 
     @classmethod
-    def from_pretrained(cls, name: str = MODEL_NAME, runtime: Runtime | None = None) -> "Latents2SemanticsPipeline":
-        """The registry model `name` through the runtime's model cache (raises `core.weights.WeightsError` when its
-        weights are unavailable)."""
+    def from_pretrained(cls, name: str | None = None, runtime: Runtime | None = None) -> "Latents2SemanticsPipeline":
+        """The registry model `name` (default: the first of MODEL_NAMES that is available) through the runtime's model
+        cache (raises `core.weights.WeightsError` when its weights are unavailable)."""
         runtime = runtime or Runtime()
+        name = name or runtime.registry.first_available(MODEL_NAMES)
         model = runtime.get_model(name, build_l2sae)
         return cls(model, runtime, name, runtime.registry.entry(name).revision)
 
@@ -135,11 +140,12 @@ class Latents2SemanticsPipeline:
         return x.to(device=parameter.device, dtype=parameter.dtype)
 
     def __call__(self, image: Any, region: str, mode: str = MODES[0], strength: float = 1.0, seed: int = 0,
-                 n_variants: int = 1, reference: Any = None) -> L2SEditResult:
+                 n_variants: int = 1, reference: Any = None, keep_detail: bool = False) -> L2SEditResult:
         """Edit `region` of the face in `image` (see `prepare` for accepted inputs); `mode` is one of MODES.
 
         random style: `n_variants` edits with seeds seed, seed + 1, ...; style from reference: one edit towards the
-        style of `reference` (strength 1 = the reference's style). `seconds` times the model and the blend (face
+        style of `reference` (strength 1 = the reference's style). `keep_detail`: blend the decoded change into
+        the photo rather than the decoded image (module docstring). `seconds` times the model and the blend (face
         detection and alignment excluded).
         """
         if mode not in MODES:
@@ -176,6 +182,10 @@ class Latents2SemanticsPipeline:
             feather = max(int(round(FEATHER_FRACTION * crop.shape[0])), 1)
             generated = generated.float()
             edits = F.interpolate(generated[1:], size=crop.shape[:2], mode="bilinear", align_corners=False)
+            if keep_detail:
+                photo = torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1)[None].to(edits) / 127.5 - 1
+                edits = photo + edits - F.interpolate(generated[:1], size=crop.shape[:2], mode="bilinear",
+                                                      align_corners=False)
             return {"reconstruction": generated[:1], "edits": edits,
                     "mask": feathered_region_mask(region_mask, feather)[0, 0]}
 
@@ -185,7 +195,8 @@ class Latents2SemanticsPipeline:
         generated = (outputs["edits"].clamp(-1, 1) * 127.5 + 127.5).permute(0, 2, 3, 1).cpu().numpy()
         edited = [blend_by_mask(crop, image_edit, mask) for image_edit in generated]
         seconds = time.perf_counter() - start
-        parameters = {"region": region, "mode": mode, "strength": float(strength), "n_variants": n_variants}
+        parameters = {"region": region, "mode": mode, "strength": float(strength), "n_variants": n_variants,
+                      "keep_detail": bool(keep_detail)}
         return L2SEditResult(
             edited=edited, mask_overlay=mask_overlay(crop, mask), reconstruction=_to_uint8(outputs["reconstruction"])[0],
             input_crop=crop, blend_mask=mask, region=region, mode=mode, seeds=seeds, seconds=seconds,
