@@ -158,7 +158,7 @@ def random_weights_registry(folder: Path, scale: Scale, base: Registry | None = 
         conditioning = {"mean": normalisation["mean"], "std": normalisation["std"], "recipe": config.recipe}
         _export(entries, folder / name, name, Generator(**config.generator_kwargs()),
                 {"kind": "stylegan2", "init_kwargs": config.generator_kwargs(), "conditioning": conditioning})
-    _export(entries, folder / "l2sae", latents2semantics.MODEL_NAME, L2SAE(L2SAEConfig(**scale.l2sae)),
+    _export(entries, folder / "l2sae", latents2semantics.MODEL_NAMES[0], L2SAE(L2SAEConfig(**scale.l2sae)),
             {"kind": "l2sae", "config": scale.l2sae})
     head = scale.head3d
     g3d = build_head_generator(head)
