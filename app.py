@@ -34,6 +34,7 @@ CSS = """
 .view-strip .grid-wrap { height: auto !important; min-height: 0 !important; max-height: none !important;
   padding-top: var(--size-8) !important; }
 .view-strip .grid-container { grid-template-rows: none !important; grid-auto-rows: auto !important; }
+.fit-image img { width: 100% !important; height: 100% !important; object-fit: contain; }
 """
 # How the app is served; tests launch it with the same options.
 LAUNCH_OPTIONS = {"max_file_size": MAX_UPLOAD_SIZE, "allowed_paths": [str(EXAMPLES_DIR)], "css": CSS}

@@ -80,10 +80,11 @@ def create_tab(runtime: Runtime) -> None:
                                  info="how far the latent may move (standard deviations)")
             run = gr.Button("Optimize", variant="primary")
         with gr.Column():
-            with gr.Row():
-                input_image = gr.Image(label="Input (aligned)", format="png", height=220)
-                reconstruction = gr.Image(label="GAN reconstruction", format="png", height=220)
-                optimized = gr.Image(label="Optimized", format="png", height=220)
+            with gr.Row():  # "fit-image": app.CSS scales images smaller than the box (the 32-px preview's) up
+                input_image = gr.Image(label="Input (aligned)", format="png", height=220, elem_classes=["fit-image"])
+                reconstruction = gr.Image(label="GAN reconstruction", format="png", height=220,
+                                          elem_classes=["fit-image"])
+                optimized = gr.Image(label="Optimized", format="png", height=220, elem_classes=["fit-image"])
             scores = gr.Markdown()
             plot = gr.LinePlot(x="generation", y="score", color="series", title="Beauty score per generation",
                                color_title="", height=260, caption=PLOT_CAPTION)

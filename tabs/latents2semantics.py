@@ -53,7 +53,8 @@ def create_tab(runtime: Runtime) -> None:
             edited = gr.Gallery(label="Edited", columns=4, format="png", height=320)
             with gr.Row():
                 overlay = gr.Image(label="Predicted region", format="png", height=200)
-                reconstruction = gr.Image(label="Autoencoder reconstruction", format="png", height=200)
+                reconstruction = gr.Image(label="Autoencoder reconstruction", format="png", height=200,
+                                          elem_classes=["fit-image"])  # app.CSS scales the model-size image up
             info = gr.Markdown()
 
     def edit(photo_path, region_name, mode_name, strength_value, seed_value, n_variants, reference_path, detail):
