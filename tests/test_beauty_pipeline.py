@@ -359,9 +359,11 @@ def test_beauty_evaluation_cli_reports_the_issue_targets(tmp_path):
     assert json.loads(out.read_text())["summary"] == summary
     card = (encoder_dir / "README.md").read_text()
     assert "Beauty optimisation on held-out faces" in card and f"{summary['evaluator_gain_mean']:+.3f}" in card
-    assert summary["identity_barrier"] == {"margin": 0.1, "weight": 50.0} and "barrier from descriptor distance 0.5" in card
+    assert summary["identity_barrier"] == {"margin": 0.1, "weight": 50.0}
+    assert "barrier from descriptor distance 0.5" in card
     (encoder_dir / "README.md").write_text(card + "\n## Later section\n\nkept\n")
-    eval_beauty.write_card_section(encoder_dir / "README.md", "\n## Beauty optimisation on held-out faces (again)\n\nnew\n")
+    section = "\n## Beauty optimisation on held-out faces (again)\n\nnew\n"
+    eval_beauty.write_card_section(encoder_dir / "README.md", section)
     card = (encoder_dir / "README.md").read_text()
     assert card.count("## Beauty optimisation on held-out faces") == 1 and card.startswith("# encoder\n")
     assert "(again)" in card and "## Later section\n\nkept" in card

@@ -65,9 +65,9 @@ def evaluate(pipeline: Latents2SemanticsPipeline, images: np.ndarray, masks: np.
     strength, strength_detail = {r: [] for r in regions}, {r: [] for r in regions}
     for index, crop in enumerate(images[:edit_limit]):
         for region in regions:
-            result, detail = (pipeline(crop, region, MODES[0], strength=1.0, seed=index, n_variants=1, keep_detail=keep)
+            result, detail = (pipeline(crop, region, MODES[0], strength=1.0, seed=index, keep_detail=keep)
                               for keep in (False, True))
-            change, change_detail = (np.abs(r.edited[0].astype(np.float32) - crop.astype(np.float32)).mean(axis=2) / 255
+            change, change_detail = (np.abs(r.edited[0].astype(np.float32) - crop).mean(axis=2) / 255
                                      for r in (result, detail))
             region_mask = result.blend_mask >= 1
             outside = ~_dilate(region_mask, dilation)
@@ -124,8 +124,9 @@ def card_section(metrics: dict, split: str) -> str:
         return None if value is None else value * 255
 
     for region, values in metrics["regions"].items():
-        lines.append(f"| {region} | {_format(values['mask_iou'])} | {_format(scaled(values['locality']), 2)} | "
-                     f"{_format(scaled(values['strength']), 2)} | {_format(scaled(values['strength_keep_detail']), 2)} |")
+        cells = [_format(values["mask_iou"])] + [_format(scaled(values[key]), 2)
+                                                 for key in ("locality", "strength", "strength_keep_detail")]
+        lines.append(f"| {region} | {' | '.join(cells)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -12,10 +12,12 @@ layers by default): dimension k x groups. CMA-ES (`cma`, seeded through its own 
 a bounded step size) maximises
 
     beauty(G(w + d)) - identity_weight * (1 - cos(id(G(w + d)), id(input))) - latent_weight * mean(a^2)
-                     - identity_barrier * max(0, |desc(G(w + d)) - desc(input)| - (same_person_distance - identity_margin))
+        - identity_barrier * max(0, |desc(G(w + d)) - desc(input)| - (same_person_distance - identity_margin))
 
 where a are the coefficients and desc the identity network's raw descriptor: the barrier keeps the result inside
-the network's same-person distance (0.6), with a margin, whatever the soft identity weight. Every population is rendered and scored as one batch under inference mode.
+the network's same-person distance (0.6), with a margin, whatever the soft identity weight. The reconstruction
+(d = 0) is returned when no candidate beats it. Every population is rendered and scored as one batch under
+inference mode.
 Attractiveness models encode the biases of their raters and data; the numbers here say what this model rewards,
 nothing about a person.
 """
@@ -354,8 +356,10 @@ class BeautyOptimizer:
         allowed_distance = same_person_distance - cfg.identity_margin
 
         def objective_of(scores, similarities, distances, coefficients) -> np.ndarray:
-            return (scores - identity_weight * (1 - similarities) - cfg.latent_weight * np.mean(coefficients ** 2, axis=1)
+            return (scores - identity_weight * (1 - similarities)
+                    - cfg.latent_weight * np.mean(coefficients ** 2, axis=1)
                     - cfg.identity_barrier * np.maximum(0.0, distances - allowed_distance))
+
         groups = [style_layer_groups(ws.shape[1])[g] for g in cfg.edited_groups]
         basis = principal_directions(self.generator, cfg.directions)
         dimension = cfg.directions * len(groups)
