@@ -288,3 +288,25 @@ def test_about_lists_every_method_available(app_page, tmp_path):
     assert panel.get_by_text("Tab: available", exact=True).count() == len(TAB_CHECKS)
     assert panel.get_by_text("not yet available").count() == 0
     app_page.screenshot(path=str(_screenshot_dir(tmp_path) / "all-tabs-about.png"), full_page=True)
+
+
+def test_region_editing_mode_switch_shows_the_reference_and_sets_its_strength(app_page):
+    """Reference mode shows the reference upload and sets the strength to 1 (the reference's own style); back in
+    random style the upload hides and the strength returns to the visible-edit default."""
+    from playwright.sync_api import expect
+
+    from tabs.latents2semantics import DEFAULT_STRENGTH
+
+    app_page.get_by_role("tab", name="Region style editing").click()
+    panel = app_page.locator("[role=tabpanel]:visible")
+    reference = _block(panel, "Reference photo (its style is copied)")
+    strength = panel.get_by_label("number input for Strength")
+    expect(reference).to_be_hidden()
+    expect(strength).to_have_value(str(int(DEFAULT_STRENGTH["random style"])))
+    for mode, visible in (("style from reference", True), ("random style", False)):
+        panel.get_by_label(mode, exact=True).check()
+        if visible:
+            expect(reference).to_be_visible()
+        else:
+            expect(reference).to_be_hidden()
+        expect(strength).to_have_value(str(int(DEFAULT_STRENGTH[mode])))
