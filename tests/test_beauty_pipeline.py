@@ -23,6 +23,7 @@ from core.runtime import Runtime
 from core.weights import WeightsError
 from tabs import available_tabs, beauty
 from training import eval_beauty
+from training.eval.cards import write_card_section
 from training.data.archive import pack_bytes, write_archive
 from training.eval_encoder import evaluate_encoder
 from training.eval_encoder import main as eval_main
@@ -363,7 +364,7 @@ def test_beauty_evaluation_cli_reports_the_issue_targets(tmp_path):
     assert "barrier from descriptor distance 0.5" in card
     (encoder_dir / "README.md").write_text(card + "\n## Later section\n\nkept\n")
     section = "\n## Beauty optimisation on held-out faces (again)\n\nnew\n"
-    eval_beauty.write_card_section(encoder_dir / "README.md", section)
+    write_card_section(encoder_dir / "README.md", section)
     card = (encoder_dir / "README.md").read_text()
     assert card.count("## Beauty optimisation on held-out faces") == 1 and card.startswith("# encoder\n")
     assert "(again)" in card and "## Later section\n\nkept" in card

@@ -148,3 +148,17 @@ def test_descriptor_distance_uses_the_same_person_scale():
     other = faces.descriptor_distance(aligned[:1], aligned[1:], identity)
     threshold = identity.config["same_person_distance"]
     assert np.all(same < 1e-4) and np.all(mirrored < threshold) and other[0] > threshold
+
+
+def test_card_sections_are_replaced_by_key_and_others_kept(tmp_path):
+    from training.eval.cards import write_card_section
+
+    card = tmp_path / "README.md"
+    card.write_text("# model\n\nintro\n")
+    write_card_section(card, "\n## Measured metrics (`training/eval_stylegan2.py`)\n\nold a\n", key="eval_stylegan2")
+    write_card_section(card, "\n## Measured metrics (`training/eval_taxfree.py`, 300 samples)\n\nold b\n",
+                       key="eval_taxfree")
+    write_card_section(card, "\n## Measured metrics (`training/eval_stylegan2.py`)\n\nnew a\n", key="eval_stylegan2")
+    text = card.read_text()
+    assert text.startswith("# model\n\nintro\n") and text.count("## Measured metrics") == 2
+    assert "new a" in text and "old a" not in text and "old b" in text

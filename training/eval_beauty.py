@@ -25,6 +25,7 @@ import torch
 from core.face import FaceInputError
 from core.pipelines.beauty import (DEFAULT_BUDGET, DEFAULT_IDENTITY_WEIGHT, DEFAULT_POPULATION, DEFAULT_STRENGTH,
                                    BeautyOptimizer)
+from training.eval.cards import write_card_section
 from training.eval.faces import descriptor_distance
 
 CARD_FILE = "README.md"
@@ -140,17 +141,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.card:
         write_card_section(Path(args.card) / CARD_FILE, card_section(results["summary"], args.data, args.split))
     return results
-
-
-def write_card_section(card: Path, section: str) -> None:
-    """Append `section` to the card, replacing an earlier section of the same heading."""
-    heading = section.lstrip("\n").split("(", 1)[0]
-    text = card.read_text()
-    start = text.find("\n" + heading)
-    if start >= 0:
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + (text[end:] if end >= 0 else "\n")
-    card.write_text(text.rstrip("\n") + "\n" + section)
 
 
 if __name__ == "__main__":

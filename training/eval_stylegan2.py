@@ -20,6 +20,7 @@ import torch
 
 from core.face import detect_faces
 from core.nets import load_generator
+from training.eval.cards import write_card_section
 from training.eval.faces import embed_aligned_faces
 from training.eval.metrics import frechet_distance
 from training.eval_taxfree import resize_like
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--psi", type=float, default=0.7)
     parser.add_argument("--out", help="write the results JSON here")
-    parser.add_argument("--update-card", action="store_true", help="append the table to the generator's README.md")
+    parser.add_argument("--update-card", action="store_true", help="write the table into the generator's README.md")
     args = parser.parse_args(argv)
     result = evaluate(args.generator, args.data, args.samples, args.psi)
     print(json.dumps(result, indent=1), flush=True)
@@ -82,8 +83,7 @@ def main(argv: list[str] | None = None) -> None:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1))
     if args.update_card:
-        with open(Path(args.generator) / CARD_FILE, "a") as card:
-            card.write(card_section(result))
+        write_card_section(Path(args.generator) / CARD_FILE, card_section(result), key="`training/eval_stylegan2.py`")
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ from core.face import FaceInputError, detect_faces, estimate_pose
 from core.face3dmm import EXPRESSION_NAMES
 from core.nets import CONFIG_FILE, load_generator
 from core.nets.face3dmm_estimator import Face3DMMEstimator, load_face3dmm_estimator
+from training.eval.cards import write_card_section
 from training.eval.faces import embed_aligned_faces
 from training.eval.metrics import frechet_distance
 from training.train_face3dmm_estimator import parameter_errors, pearson
@@ -277,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--slider-seeds", type=int, default=20, help="seeds of the yaw/pitch slider sweeps (0: none)")
     parser.add_argument("--out", help="write the results JSON here")
     parser.add_argument("--update-cards", action="store_true",
-                        help="append the summary table to each evaluated generator's README.md")
+                        help="write the summary table into each evaluated generator's README.md")
     args = parser.parse_args(argv)
     generators = {name: getattr(args, name) for name in MODEL_NAMES if getattr(args, name)}
     results = evaluate(args.data, generators, args.estimator, args.count, args.seed, args.slider_seeds)
@@ -290,8 +291,7 @@ def main(argv: list[str] | None = None) -> None:
         section = (f"\n## Measured metrics (`training/eval_taxfree.py`, test split, {results['count']} samples, "
                    f"seed {args.seed})\n\n{table}\n")  # fmt: skip
         for directory in generators.values():
-            with open(Path(directory) / "README.md", "a") as card:
-                card.write(section)
+            write_card_section(Path(directory) / "README.md", section, key="`training/eval_taxfree.py`")
 
 
 if __name__ == "__main__":
