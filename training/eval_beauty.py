@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--identity-weight", type=float, default=DEFAULT_IDENTITY_WEIGHT)
     parser.add_argument("--strength", type=float, default=DEFAULT_STRENGTH)
     parser.add_argument("--out", help="write the results JSON here")
-    parser.add_argument("--card", help="append the summary to this model folder's README.md")
+    parser.add_argument("--card", help="write the summary into this model folder's README.md")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
 
