@@ -80,7 +80,7 @@ def test_train_save_resume_export_load(tmp_path):
     assert {"state.json", "log.jsonl", "samples.png"} <= files
     assert len(files) <= 8
     first = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])
-    for key in ("loss_G", "loss_D", "r1_penalty", "prior_opacity", "prior_depth", "prior_weight"):
+    for key in ("loss_G", "loss_D", "r1_penalty", "prior_opacity", "prior_depth", "prior_surface", "prior_weight"):
         assert np.isfinite(first[key]), key
     assert first["nonfinite_grads_G"] == first["nonfinite_grads_D"] == 0  # the prior's depth loss sends no NaN
 
@@ -263,3 +263,71 @@ def test_the_geometry_prior_alone_shapes_the_density():
         losses.append((float(opacity_loss), float(depth_loss)))
     first, last = np.mean(losses[:5], axis=0), np.mean(losses[-5:], axis=0)
     assert last[0] < first[0] - 0.05, (first, last)  # opacity rises (slowly: Adam moves the decoder ~lr a step)
+
+
+def test_the_64_px_preview_uses_the_half_size_superresolution_and_other_sizes_are_refused():
+    from training.train_head3d import build_head_generator
+
+    config = dataclasses.replace(TINY, resolution=64)
+    generator = build_head_generator(config).eval()
+    assert generator.superresolution.variant == "SuperresolutionPreview2X"
+    assert generator.superresolution.input_resolution == 32
+    with torch.no_grad():
+        ws = generator.mapping(torch.randn(1, TINY.z_dim), camera_label(0, 0))
+        out = generator.synthesis(ws, camera_label(20, 0), noise_mode="const", deterministic=True)
+    assert out["image"].shape == (1, 3, 64, 64) and out["image_raw"].shape == (1, 3, 16, 16)
+    assert torch.isfinite(out["image"]).all()
+    with pytest.raises(ValueError, match="96"):
+        build_head_generator(dataclasses.replace(TINY, resolution=96))
+
+
+def test_eval_card_section_checks_the_targets_and_small_renders_are_upsampled_for_detection(tmp_path):
+    from PIL import Image
+
+    from core.face import prepare_face
+    from tabs.common import EXAMPLE_PHOTOS
+    from training.eval.cards import write_card_section
+    from training.eval_head3d import card_section, detect
+
+    small = np.asarray(Image.fromarray(prepare_face(EXAMPLE_PHOTOS[0], size=128).image).resize((64, 64)))
+    faces = detect(small)
+    assert faces and faces[0].landmarks[:, 0].max() > 64  # landmarks in the 128-px upsampled frame
+    metrics = dict(seeds=8, face_detection_rate=0.975, identity_consistency=0.81, same_person_rate=0.25,
+                   nose_in_front_rate=1.0, nose_depth_margin=0.012, fd_id=1.5, test_crops=20)
+    card = tmp_path / "README.md"
+    card.write_text("# head\n\n## Evaluation (eval_head3d)\n\nold\n")
+    write_card_section(card, card_section(metrics), key="Evaluation (eval_head3d)")
+    text = card.read_text()
+    assert "old" not in text and text.count("## Evaluation") == 1
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert rows["face detected, yaw -40..40 (5 views per head)"].endswith("✓ |")
+    assert rows["same person frontal vs ±30° (dlib distance < 0.6, faces detected)"].endswith("✗ |")
+    assert "97.5%" in text and "+0.0120" in text
+
+
+def test_surface_loss_is_low_for_a_sharp_surface_at_the_rendered_depth_and_high_for_fog():
+    from training.train_head3d import SURFACE_DENSITY, surface_loss
+
+    cameras = torch.cat([camera_label(yaw, 0) for yaw in (0, 25)])
+    centres = cameras[:, :16].view(-1, 4, 4)[:, :3, 3]
+    depth = torch.full([2, 1, 8, 8], 2.7)
+    nearness = torch.full([2, 8, 8], float("nan"))
+    nearness[:, 2:6, 2:6] = 0.0
+
+    class Field:
+        def __init__(self, raw):
+            self.raw = raw
+
+        def query_density(self, planes, points):
+            return self.raw((points - centres[:, None]).norm(dim=-1, keepdim=True))
+
+    sharp = surface_loss(Field(lambda distance: torch.where(distance > 2.7, 1e3, -1e3)), None, depth, nearness,
+                         cameras, gap=0.05, rays=16)
+    fog = surface_loss(Field(lambda distance: torch.full_like(distance, 5.0)), None, depth, nearness, cameras,
+                       gap=0.05, rays=16)
+    density = torch.nn.functional.softplus(torch.tensor(5.0 - 1)).item()
+    assert sharp.item() < 1e-3
+    assert fog.item() == pytest.approx(density * 0.05 + (SURFACE_DENSITY - density) / SURFACE_DENSITY, rel=1e-4)
+    solid_in_front = surface_loss(Field(lambda distance: torch.full_like(distance, 1e3)), None, depth, nearness,
+                                  cameras, gap=0.05, rays=16)
+    assert solid_in_front.item() > 10  # density in front of the surface is what costs most

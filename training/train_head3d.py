@@ -19,6 +19,12 @@ Recipe (EG3D / PanoHead at small scale):
   should be 1 on the fitted face, and the raw depth, centred on the face, should follow the fit's centred depth
   (shift invariant, because the fit is weak perspective and has no absolute distance). It pushes the field toward
   a head with a nose in front of the cheeks instead of a flat billboard, without fixing the identity's shape.
+  A third term with the same fading weight (times `prior_surface_weight`), `surface_loss`, asks for a sharp
+  surface at the render's own depth on the face: empty just in front of it, solid just behind. Without it the
+  64-px CPU preview's field was a fog of density 3-5 at 21 kimg that rendered a face but held no level surface
+  for the GLB.
+* Size: 128 px (the bundled config) or 64 px for the CPU preview, whose super-resolution is our half-size
+  `SuperresolutionPreview2X` (`core.nets.superresolution`).
 * G_ema with ramp-up, w_avg tracking; on CUDA the 4 highest resolutions of the backbone, the super-resolution and D
   run in float16 with `conv_clamp` 256 (non-finite gradients zeroed); CPU is float32.
 
@@ -47,6 +53,7 @@ from safetensors.torch import save_file
 from core.nets import CONFIG_FILE, WEIGHTS_FILE
 from core.nets.camera import camera_label
 from core.nets.triplane import TriPlaneGenerator
+from core.nets.volume_rendering import sample_rays
 from training.augment import AdaptiveProbability, augment, parse_operations
 from training.discriminator import Discriminator
 from training.resumable import Deadline, last_log_record, load_checkpoint, save_checkpoint, stored_config
@@ -89,6 +96,9 @@ class Head3DConfig:
     prior_weight: float = 1.0
     prior_kimg: float = 200.0
     prior_resolution: int = 32
+    prior_surface_weight: float = 1.0
+    prior_surface_gap: float = 0.05
+    prior_surface_rays: int = 64
     ema_kimg: float = 10.0
     ema_rampup: float | None = 0.05
     augment: str = "brightness,contrast,cutout"
@@ -101,12 +111,20 @@ class Head3DConfig:
     data: str | None = None
     split: str | None = "train"
 
+    @property
+    def superresolution_variant(self) -> str:
+        """Hybrid2X for 128 px; our half-size Preview2X for the 64-px CPU preview (`core.nets.superresolution`)."""
+        variants = {128: "SuperresolutionHybrid2X", 64: "SuperresolutionPreview2X"}
+        if self.resolution not in variants:
+            raise ValueError(f"the 3D head generator trains at {sorted(variants)} px, not {self.resolution}")
+        return variants[self.resolution]
+
     def rendering_kwargs(self) -> dict[str, Any]:
         """PanoHead `rendering_kwargs` (FFHQ camera range: radius 2.7, rays 2.25-3.3, unit box)."""
         return dict(image_resolution=self.resolution, triplane_depth=self.triplane_depth,
                     triplane_size=self.triplane_size, decoder_activation="none", use_torgb_raw=True,
                     use_background=True, disparity_space_sampling=False, clamp_mode="softplus",
-                    superresolution_module="training.superresolution.SuperresolutionHybrid2X",
+                    superresolution_module=f"training.superresolution.{self.superresolution_variant}",
                     c_gen_conditioning_zero=False, c_scale=1.0, superresolution_noise_mode="none",
                     density_reg=0.0, decoder_lr_mul=1.0, sr_antialias=True, depth_resolution=self.depth_samples,
                     depth_resolution_importance=self.importance_samples, ray_start=2.25, ray_end=3.3,
@@ -217,6 +235,35 @@ def prior_loss(depth: torch.Tensor, opacity: torch.Tensor, nearness: torch.Tenso
     return opacity_loss.mean(), depth_loss.mean()
 
 
+SURFACE_DENSITY = 20.0  # density just behind the surface that the surface term asks for (meshes use level 10)
+
+
+def surface_loss(G: TriPlaneGenerator, planes: torch.Tensor, depth: torch.Tensor, nearness: torch.Tensor,
+                 cameras: torch.Tensor, gap: float, rays: int, generator: torch.Generator | None = None):
+    """A sharp surface where the render's own depth is, on up to `rays` random face pixels per image.
+
+    Along each chosen ray, at the rendered (expected) depth d, detached: the point at d - gap (world units) should
+    be empty and the point at d + gap / 2 solid. Loss: the density in front times `gap` (the optical depth it adds)
+    plus the shortfall of the density behind below SURFACE_DENSITY, relative to it. Without it the field stays a
+    fog of density 3-5 that renders a face but has no level surface for a mesh (seen in the 64-px CPU preview).
+    """
+    n, _, size, _ = depth.shape
+    face = torch.isfinite(F.interpolate(nearness[:, None], size=(size, size), mode="nearest")).reshape(n, -1)
+    scores = torch.rand(face.shape, generator=generator).to(depth.device) + face.float()  # face pixels first
+    chosen = scores.topk(min(rays, size * size), dim=1).indices
+    valid = torch.gather(face, 1, chosen).float()
+    origins, directions = sample_rays(cameras[:, :16].view(-1, 4, 4), cameras[:, 16:25].view(-1, 3, 3), size)
+    pick = chosen[..., None].expand(-1, -1, 3)
+    origins, directions = torch.gather(origins, 1, pick), torch.gather(directions, 1, pick)
+    ray_depth = torch.gather(depth.reshape(n, -1), 1, chosen).detach()[..., None]
+    front = G.query_density(planes, origins + (ray_depth - gap) * directions)
+    behind = G.query_density(planes, origins + (ray_depth + gap / 2) * directions)
+    front_loss = F.softplus(front - 1)[..., 0] * gap
+    behind_loss = F.relu(SURFACE_DENSITY - F.softplus(behind - 1))[..., 0] / SURFACE_DENSITY
+    count = valid.sum().clamp_min(1)
+    return ((front_loss + behind_loss) * valid).sum() / count
+
+
 def resize(images: torch.Tensor, size: int) -> torch.Tensor:
     """Antialiased bilinear resize to size x size."""
     return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
@@ -283,13 +330,15 @@ class Head3DTrainer:
         return cameras, torch.where(swap, swapped, cameras), prior
 
     def _generate(self, G, cameras, conditioning):
-        """G's render dict for random z (mapping on `conditioning`, rendered from `cameras` + t_mapping offset)."""
+        """G's render dict for random z (mapping on `conditioning`, rendered from `cameras` + t_mapping offset),
+        with the tri-grid under "planes"."""
         z = torch.randn([cameras.shape[0], self.config.z_dim], device=self.device)
         ws = G.mapping(z, conditioning, update_emas=G is self.G)
         _, delta = G.apply_delta_c(z, conditioning, update_emas=G is self.G)
         shifted = cameras.clone()
         shifted[:, [3, 7, 11]] += delta
-        return G.synthesis(ws, shifted), shifted, delta
+        planes = G.generate_planes(ws)
+        return {**G.render_planes(planes, ws, shifted), "planes": planes}, shifted, delta
 
     def _discriminate(self, image, image_raw, cameras):
         dual = torch.cat([image, resize(image_raw, image.shape[-1])], dim=1)
@@ -315,6 +364,11 @@ class Head3DTrainer:
             opacity_loss, depth_loss = prior_loss(out["image_depth"], out["image_mask"], prior, shifted)
             loss = loss + self.prior_weight * (opacity_loss + depth_loss)
             stats["prior_opacity"], stats["prior_depth"] = opacity_loss.detach(), depth_loss.detach()
+            if cfg.prior_surface_weight > 0:
+                surface = surface_loss(self.G, out["planes"], out["image_depth"], prior, shifted,
+                                       cfg.prior_surface_gap, cfg.prior_surface_rays)
+                loss = loss + self.prior_weight * cfg.prior_surface_weight * surface
+                stats["prior_surface"] = surface.detach()
         loss.backward()
         stats["nonfinite_grads_G"] = nan_to_num_grads(self.G)
         self.opt_G.step()
@@ -424,18 +478,20 @@ def _model_card(trainer: Head3DTrainer, log: dict | None) -> str:
         f"* **Data:** `{cfg.data}`, split `{cfg.split}`, camera labels from the archive, x-flips"
         f" {'on' if cfg.mirror else 'off'}. Non-commercial research data (see the data card).",
         f"* **Architecture:** tri-grid depth {cfg.triplane_depth} at {cfg.triplane_size} px, neural rendering"
-        f" {cfg.neural_rendering_resolution} px ({cfg.depth_samples} + {cfg.importance_samples} samples), Hybrid2X"
+        f" {cfg.neural_rendering_resolution} px ({cfg.depth_samples} + {cfg.importance_samples} samples), {cfg.superresolution_variant}"
         f" super-resolution, background network, z/w {cfg.z_dim}/{cfg.w_dim}, channel_base {cfg.channel_base},"
         f" channel_max {cfg.channel_max}; {parameters / 1e6:.2f} M parameters, float16 weights.",
         f"* **Recipe:** batch {cfg.batch}, Adam lr G/D {cfg.lr_g}/{cfg.lr_d}, R1 gamma {cfg.r1_gamma} every"
         f" {cfg.r1_interval}, gpc swap {cfg.gpc_prob}, translation L2 {cfg.translation_reg}, ICT-FaceKit depth"
-        f" prior weight {cfg.prior_weight} fading to 0 at {cfg.prior_kimg} kimg, EMA {cfg.ema_kimg} kimg,"
+        f" prior weight {cfg.prior_weight} (surface term x{cfg.prior_surface_weight}) fading to 0 at"
+        f" {cfg.prior_kimg} kimg, EMA {cfg.ema_kimg} kimg,"
         f" augmentation `{cfg.augment}` (ADA target {cfg.ada_target}), seed {cfg.seed}.",
         f"* **Iterations:** {trainer.step_count} steps, {trainer.images_seen / 1000:.2f} kimg; final augment p"
         f" {trainer.ada.p:.3f}.",
         f"* **Last training log line:** `{json.dumps(log) if log else 'n/a'}`",
         "* **Quality metrics** (face-detection rate over yaw -40..40, identity cosine frontal vs +-30 deg, depth"
-        " sanity, FD-id of frontal renders): not measured by the trainer; add them before bundling.",
+        " sanity, FD-id of frontal renders): not measured by the trainer; `python -m training.eval_head3d ... --card`"
+        " adds them below as \"Evaluation (eval_head3d)\".",
         "",
     ]
     return "\n".join(lines)
