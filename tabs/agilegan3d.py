@@ -88,7 +88,7 @@ def create_tab(runtime: Runtime) -> None:
     @gpu(duration=60)
     def stylize_on_gpu(photo_path, style_value, view_count, yaw_value, refine_value):
         try:
-            pipeline = Head3DPipeline.from_pretrained(runtime=runtime)
+            pipeline = Head3DPipeline.from_pretrained(MODEL_NAME, runtime)
             result = pipeline.stylize(style_value, photo=photo_path, refine_steps=int(refine_value),
                                       yaws=view_yaws(int(view_count), yaw_value))
         except (FaceInputError, WeightsError, ValueError) as error:

@@ -7,22 +7,22 @@ import gradio as gr
 
 from core.face import FaceInputError
 from core.official import PANOHEAD, VARIANTS, stylized_variants
-from core.pipelines.head3d import (ENCODER_NAME, IDENTITY_NAME, MODEL_NAME, Head3DPipeline, available_styles,
-                                   available_stylized_generators, load_official, view_yaws)
+from core.pipelines.head3d import (ENCODER_NAMES, IDENTITY_NAME, MODEL_NAME, MODEL_NAMES, Head3DPipeline,
+                                   available_styles, available_stylized_generators, load_official, view_yaws)
 from core.runtime import Runtime, gpu
 from core.weights import Registry, WeightsError
-from tabs.common import (MAX_SEED, example_photos, photo_input, raise_user_error, randomize_seed, require_photo,
-                         save_pngs)
+from tabs.common import (MAX_SEED, example_photos, photo_input, preview_note, raise_user_error, randomize_seed,
+                         require_photo, save_pngs)
 
 KEY = "stylize3d"
 REQUIRED_MODELS = (IDENTITY_NAME,)
-GENERATORS = {MODEL_NAME: "Bundled 3D head generator (head3d-faces128)", PANOHEAD.name: PANOHEAD.title}
 ORIGINAL = "original"
 SOURCES = ("seed", "photo")
 NEEDS_DOWNLOAD = " (needs download)"
 NOT_TRAINED = " (not trained yet)"
 FAST_RAYS = 64  # px: the "fast" neural rendering resolution (PanoHead's released model renders rays at 128 px)
-DEFAULT_VIEWS = {MODEL_NAME: 5, PANOHEAD.name: 3}
+DEFAULT_VIEWS = 5
+DEFAULT_VIEWS_PANOHEAD = 3  # 512-px renders are slow on a CPU
 INTRO = (
     "A 3D head from the bundled PanoHead-style generator (from a seed, or inverted from a photo) or from the official "
     "PanoHead, rendered from several views by the original generator and by a stylized copy (identity-preserving 3D "
@@ -33,6 +33,7 @@ NO_STYLES_NOTE = ("**Note:** no style is available for this generator yet, so on
                   "(the 'stylized' side shows the original head).")
 BUNDLED_MISSING = ("**The bundled 3D head generator is not trained yet.** `training/README.md` ('3D head generator') "
                    "has the GPU commands; pick the official PanoHead meanwhile.")
+PHOTO_NOT_READY = "The photo encoder of {name} is not trained yet; photo input reports that when used."
 # Render cost: docs/BENCHMARKS.md (python -m core.bench: released PanoHead config, 128-px rays, random weights, 2-core
 # CPU); GLB cost: docs/BENCHMARKS_PIPELINES.md (128³ density lattice of the bundled-size generator).
 PANOHEAD_COST_NOTE = (
@@ -44,13 +45,32 @@ PANOHEAD_COST_NOTE = (
 
 
 def available(registry: Registry) -> bool:
-    """Shown when the bundled or the official generator resolves."""
-    return any(registry.is_available(name) for name in GENERATORS)
+    """Shown when a bundled generator (or its preview) or the official one resolves."""
+    return any(registry.is_available(name) for name in (*MODEL_NAMES, PANOHEAD.name))
+
+
+def bundled_generator(registry: Registry) -> str:
+    """The bundled generator the tab uses: the first of MODEL_NAMES that is here, else the preferred (untrained) one."""
+    return next((name for name in MODEL_NAMES if registry.is_available(name)), MODEL_NAME)
+
+
+def _generators(registry: Registry) -> dict[str, str]:
+    """Registry name -> label of the dropdown's generators: the bundled one, then the official PanoHead."""
+    bundled = bundled_generator(registry)
+    return {bundled: f"Bundled 3D head generator ({bundled})", PANOHEAD.name: PANOHEAD.title}
 
 
 def _generator_choices(registry: Registry) -> list[tuple[str, str]]:
-    suffix = {MODEL_NAME: NOT_TRAINED, PANOHEAD.name: NEEDS_DOWNLOAD}
-    return [(label + ("" if registry.is_available(name) else suffix[name]), name) for name, label in GENERATORS.items()]
+    def suffix(name):
+        if registry.is_available(name):
+            return ""
+        return NEEDS_DOWNLOAD if name == PANOHEAD.name else NOT_TRAINED
+
+    return [(label + suffix(name), name) for name, label in _generators(registry).items()]
+
+
+def _default_views(generator: str) -> int:
+    return DEFAULT_VIEWS_PANOHEAD if generator == PANOHEAD.name else DEFAULT_VIEWS
 
 
 def _ready_styles(registry: Registry, generator: str) -> list[str]:
@@ -80,10 +100,15 @@ def _missing(registry: Registry, generator: str, style: str) -> str | None:
 def create_tab(runtime: Runtime) -> None:
     """Components and events of the tab, inside the current `gr.Tab`."""
     registry = runtime.registry
-    photo_ready = registry.is_available(ENCODER_NAME)
-    default = next(name for name in GENERATORS if registry.is_available(name))
+    bundled = bundled_generator(registry)
+    encoder = ENCODER_NAMES.get(bundled)
+    photo_ready = encoder is not None and registry.is_available(encoder)
+    default = next(name for name in _generators(registry) if registry.is_available(name))
     ready = _ready_styles(registry, default)
     gr.Markdown(INTRO)
+    note = preview_note(registry, {MODEL_NAME: bundled}) if registry.is_available(bundled) else None
+    if note:
+        gr.Markdown(note)
     with gr.Row():
         with gr.Column():
             generator = gr.Dropdown(_generator_choices(registry), value=default, label="Generator")
@@ -94,7 +119,7 @@ def create_tab(runtime: Runtime) -> None:
                 randomize = gr.Checkbox(value=False, label="Randomize seed")
             with gr.Accordion("Photo (bundled generator only)", open=False):
                 if not photo_ready:
-                    gr.Markdown("The photo encoder is not trained yet; photo input reports that when used.")
+                    gr.Markdown(PHOTO_NOT_READY.format(name=bundled))
                 photo = photo_input("Face photo")
                 example_photos(photo)
                 refine_steps = gr.Slider(0, 50, value=0, step=1, label="Refinement steps (slower, closer)")
@@ -103,7 +128,7 @@ def create_tab(runtime: Runtime) -> None:
             no_styles = gr.Markdown(NO_STYLES_NOTE, visible=len(ready) == 1)
             instructions = gr.Markdown(visible=False)
             with gr.Group():
-                views = gr.Slider(1, 9, value=DEFAULT_VIEWS[default], step=1, label="Number of views")
+                views = gr.Slider(1, 9, value=_default_views(default), step=1, label="Number of views")
                 yaw_range = gr.Slider(0, 60, value=40, step=5, label="Yaw range (± degrees)")
                 pitch = gr.Slider(-25, 25, value=0, step=1, label="Pitch (degrees, + looks from below)")
                 fast = gr.Checkbox(value=True, label=f"Fast rays (at most {FAST_RAYS} px; the images keep their size)",
@@ -128,7 +153,7 @@ def create_tab(runtime: Runtime) -> None:
         return (gr.update(choices=_style_choices(registry, generator_value), value=value),
                 gr.update(visible=len(styles_here) == 1 and registry.is_available(generator_value)),
                 gr.update(visible=official), gr.update(visible=official),
-                gr.update(value=DEFAULT_VIEWS[generator_value]), *show_missing(generator_value, value))
+                gr.update(value=_default_views(generator_value)), *show_missing(generator_value, value))
 
     generator.change(pick_generator, generator, [style, no_styles, cost_note, fast, views, instructions, run],
                      queue=False, api_visibility="private")
@@ -144,7 +169,7 @@ def create_tab(runtime: Runtime) -> None:
             raise gr.Error(f"Style '{style_value}' is not one of the choices for {generator_value}: {names}.",
                            print_exception=False)
         if source_value == "photo":
-            if generator_value != MODEL_NAME:
+            if generator_value != bundled:
                 raise gr.Error("Photo input works with the bundled generator only (its photo encoder was trained "
                                "for it); use a seed with the official PanoHead.", print_exception=False)
             require_photo(photo_path)
@@ -155,8 +180,8 @@ def create_tab(runtime: Runtime) -> None:
     def stylize_on_gpu(source_value, seed_value, photo_path, refine_value, style_value, view_count, yaw_value,
                        pitch_value, generator_value, fast_value):
         try:
-            if generator_value == MODEL_NAME:
-                pipeline = Head3DPipeline.from_pretrained(runtime=runtime)
+            if generator_value == bundled:
+                pipeline = Head3DPipeline.from_pretrained(bundled, runtime)
             else:
                 pipeline = load_official(generator_value, runtime)
             result = pipeline.stylize(None if style_value == ORIGINAL else style_value, seed=int(seed_value),

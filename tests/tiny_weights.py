@@ -99,16 +99,17 @@ def add_l2sae(weights_dir: Path, name: str = latents2semantics.MODEL_NAMES[0]) -
     register(folder, name, weights_dir)
 
 
-def add_head3d_generator(weights_dir: Path) -> torch.nn.Module:
-    """A tiny random 3D head generator export; returns the generator (the base of the style deltas)."""
+def add_head3d_generator(weights_dir: Path, name: str = head3d.MODEL_NAME) -> torch.nn.Module:
+    """A tiny random 3D head generator export registered as `name`; returns the generator (the base of the style
+    deltas)."""
     from training.train_head3d import Head3DTrainer
 
     torch.set_num_threads(2)
     trainer = Head3DTrainer(TINY_HEAD3D, None)
     with torch.no_grad():  # a dense field, so that the official density level finds a surface
         trainer.G_ema.decoder.net[-1].bias[0] += 20
-    trainer.export(weights_dir / head3d.MODEL_NAME, None)
-    register(weights_dir / head3d.MODEL_NAME, head3d.MODEL_NAME, weights_dir)
+    trainer.export(weights_dir / name, None)
+    register(weights_dir / name, name, weights_dir)
     return trainer.G_ema
 
 

@@ -1,9 +1,13 @@
 """Model-card metrics of a 3D head generator export (and of its photo encoder), as JSON.
 
     python -m training.eval_head3d --generator weights/head3d_faces128 --data datasets/faces/faces128.npz \
-        [--encoder weights/head3d_encoder_faces128] --seeds 64 --photos 32 --out runs/head3d_eval.json
+        [--encoder weights/head3d_encoder_faces128] --seeds 64 --photos 32 --out runs/head3d_eval.json [--card]
+
+With `--card`, the generator's model card gets (or has replaced) an "Evaluation (eval_head3d)" section with the
+metrics against the issue's targets.
 
 * `face_detection_rate`: fraction of renders (seeds x yaw -40, -20, 0, 20, 40) in which `core.face` finds a face.
+  Renders smaller than 128 px (the 64-px CPU preview) are upsampled bicubically to 128 px for every detection.
 * `identity_consistency`: identity cosine of each seed's frontal render to its yaw -30 and +30 renders (mean).
 * `same_person_rate`: fraction of seeds whose frontal, -30 and +30 renders all show a detected face and whose turned
   renders are the frontal's person by dlib's descriptor distance (below 0.6): the issue's "for most heads". Renders
@@ -26,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from core.face import detect_faces
@@ -33,6 +38,7 @@ from core.nets import CONFIG_FILE, WEIGHTS_FILE, load_generator
 from core.nets.encoders import build_head3d_encoder
 from core.pipelines.head3d import Head3DPipeline
 from core.runtime import Runtime
+from training.eval.cards import write_card_section
 from training.eval.faces import descriptor_distance, frechet_identity_distance, identity_encoder
 
 DETECTION_YAWS = (-40.0, -20.0, 0.0, 20.0, 40.0)
@@ -40,15 +46,25 @@ CONSISTENCY_YAW = 30.0
 NOSE_TIP, RIGHT_CHEEK, LEFT_CHEEK = 1, 50, 280  # MediaPipe face-mesh indices
 # (x, y) of the nose tip and the cheeks in an FFHQ-aligned crop, as fractions of its side
 ALIGNED_NOSE_AND_CHEEKS = ((0.5, 0.56), (0.35, 0.55), (0.65, 0.55))
+DETECTION_MIN_SIDE = 128  # MediaPipe misses most faces in 64-px images
+
+
+def detect(image: np.ndarray) -> list:
+    """`core.face.detect_faces` on the render, upsampled bicubically to DETECTION_MIN_SIDE when smaller; landmarks
+    are in the upsampled image's pixels."""
+    if image.shape[1] < DETECTION_MIN_SIDE:
+        image = np.asarray(Image.fromarray(image).resize((DETECTION_MIN_SIDE, DETECTION_MIN_SIDE),
+                                                         Image.Resampling.BICUBIC))
+    return detect_faces(image)
 
 
 def nose_and_cheek_positions(image: np.ndarray) -> np.ndarray:
     """[3, 2] (x, y) fractions of the image side of the nose tip and the two cheeks of a frontal render."""
-    faces = detect_faces(image)
+    faces = detect(image)
     if not faces:
         return np.asarray(ALIGNED_NOSE_AND_CHEEKS, np.float32)
     points = faces[0].landmarks[[NOSE_TIP, RIGHT_CHEEK, LEFT_CHEEK]]
-    return (points / image.shape[1]).astype(np.float32)
+    return (points / max(image.shape[1], DETECTION_MIN_SIDE)).astype(np.float32)
 
 
 @torch.no_grad()
@@ -78,10 +94,10 @@ def evaluate(pipeline: Head3DPipeline, test_crops: list[np.ndarray], seeds: int 
         margins.append(nose_depth_margin(pipeline, ws, frontal[-1]))
     consistency = [pipeline.identity_similarity(np.stack([front, front]), pair)
                    for front, pair in zip(frontal, turned)]
-    detected = [bool(detect_faces(image)) for image in renders]
+    detected = [bool(detect(image)) for image in renders]
     frontal_detected = detected[DETECTION_YAWS.index(0.0)::len(DETECTION_YAWS)]
     threshold = pipeline.identity.config["same_person_distance"]
-    same_person = [found and all(detect_faces(view) for view in pair)
+    same_person = [found and all(detect(view) for view in pair)
                    and bool(np.all(descriptor_distance([front, front], list(pair), pipeline.identity) < threshold))
                    for found, front, pair in zip(frontal_detected, frontal, turned)]
     metrics: dict[str, Any] = {
@@ -99,6 +115,36 @@ def evaluate(pipeline: Head3DPipeline, test_crops: list[np.ndarray], seeds: int 
         metrics.update(inversion_identity=float(np.mean(similarities)), inversion_photos=len(similarities),
                        refine_steps=refine_steps)
     return metrics
+
+
+def card_section(metrics: dict[str, Any]) -> str:
+    """The model card's "## Evaluation (eval_head3d)" markdown section."""
+    def check(ok: bool) -> str:
+        return "✓" if ok else "✗"
+
+    rows = [
+        ("face detected, yaw -40..40 (5 views per head)", f"{metrics['face_detection_rate']:.1%}", ">= 95 %",
+         check(metrics["face_detection_rate"] >= 0.95)),
+        ("identity cosine frontal vs ±30°", f"{metrics['identity_consistency']:.3f}", "reported", ""),
+        ("same person frontal vs ±30° (dlib distance < 0.6, faces detected)", f"{metrics['same_person_rate']:.1%}",
+         "most heads", check(metrics["same_person_rate"] > 0.5)),
+        ("nose nearer than both cheeks (frontal depth)", f"{metrics['nose_in_front_rate']:.1%}", ">= 95 %",
+         check(metrics["nose_in_front_rate"] >= 0.95)),
+        ("mean cheek - nose depth (world units)", f"{metrics['nose_depth_margin']:+.4f}", "> 0",
+         check(metrics["nose_depth_margin"] > 0)),
+        (f"FD-id, frontal renders vs {metrics['test_crops']} {metrics.get('split', 'test')} crops",
+         f"{metrics['fd_id']:.3f}", "reported", ""),
+    ]
+    if "inversion_identity" in metrics:
+        rows.append((f"photo inversion identity cosine ({metrics['inversion_photos']} crops, "
+                     f"{metrics['refine_steps']} refinement steps)", f"{metrics['inversion_identity']:.3f}",
+                     "reported", ""))
+    lines = ["", "## Evaluation (eval_head3d)", "",
+             f"`python -m training.eval_head3d` on {metrics['seeds']} seeds (truncation 0.7); renders smaller than "
+             f"{DETECTION_MIN_SIDE} px are upsampled to it for face detection.", "",
+             "| metric | value | target | |", "|---|---|---|---|"]
+    lines += [f"| {name} | {value} | {target} | {ok} |" for name, value, target, ok in rows]
+    return "\n".join(lines) + "\n"
 
 
 def load_pipeline(generator_dir: str | Path, encoder_dir: str | Path | None = None,
@@ -125,6 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--refine-steps", type=int, default=0)
     parser.add_argument("--max-crops", type=int, default=1000)
     parser.add_argument("--out", help="write the metrics JSON here")
+    parser.add_argument("--card", action="store_true", help="write the evaluation section of the generator's card")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
 
@@ -138,6 +185,8 @@ def main(argv: list[str] | None = None) -> None:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")
     print(text, flush=True)
+    if args.card:
+        write_card_section(Path(args.generator) / "README.md", card_section(metrics), key="Evaluation (eval_head3d)")
 
 
 if __name__ == "__main__":

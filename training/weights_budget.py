@@ -134,9 +134,10 @@ def bundled_bytes(registry: Registry) -> dict[str, int]:
 def preview_replacements() -> dict[str, str]:
     """The pipelines' fallback models (CPU-trained previews) -> the planned model preferred over each. A preview is
     deleted when its planned model is registered, so the planned total leaves previews out."""
-    from core.pipelines import beauty, latents2semantics, taxfree
+    from core.pipelines import beauty, head3d, latents2semantics, taxfree
 
-    alternatives = [*taxfree.VARIANTS.values(), *zip(*beauty.GENERATOR_ENCODER_PAIRS), latents2semantics.MODEL_NAMES]
+    alternatives = [*taxfree.VARIANTS.values(), *zip(*beauty.GENERATOR_ENCODER_PAIRS), latents2semantics.MODEL_NAMES,
+                    head3d.MODEL_NAMES]
     return {fallback: preferred for preferred, *fallbacks in alternatives for fallback in fallbacks}
 
 

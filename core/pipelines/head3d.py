@@ -41,8 +41,10 @@ from core.provenance import Provenance
 from core.runtime import Runtime
 from core.weights import Registry, WeightsError
 
-MODEL_NAME = "head3d-faces128"
+MODEL_NAMES = ("head3d-faces128", "head3d-faces64")  # preferred first; the 64-px one is a CPU-trained preview
+MODEL_NAME = MODEL_NAMES[0]
 ENCODER_NAME = "head3d-encoder-faces128"
+ENCODER_NAMES = {MODEL_NAME: ENCODER_NAME}  # each photo encoder belongs to the generator it was trained against
 IDENTITY_NAME = "identity-resnet"
 STYLE_KIND = "style_delta"
 METHOD = "head3d"
@@ -161,7 +163,7 @@ def load_official(name: str, runtime: Runtime | None = None) -> "Head3DPipeline"
     """The official PanoHead converted and registered as `name` (`core.official`), with the identity network and
     PanoHead's inference cameras (look-at (0, 0, 0) as in its gen_samples.py; the checkpoint's rendering kwargs keep
     EG3D's 0.2 pivot). No photo encoder: the bundled one was trained for the bundled generator."""
-    pipeline = Head3DPipeline.from_pretrained(name, runtime, encoder=None)
+    pipeline = Head3DPipeline.from_pretrained(name, runtime)
     pipeline.camera_pivot = PANOHEAD_LOOKAT
     return pipeline
 
@@ -201,12 +203,15 @@ class Head3DPipeline:
         self.camera_pivot = tuple(rendering.get("avg_camera_pivot", EG3D_LOOKAT))
 
     @classmethod
-    def from_pretrained(cls, name: str = MODEL_NAME, runtime: Runtime | None = None,
-                        encoder: str | None = ENCODER_NAME, identity: str | None = IDENTITY_NAME) -> "Head3DPipeline":
-        """The registry model `name` (float32: volume rendering stays in float32; the generator's own blocks use
-        float16 on CUDA), with the photo encoder and identity network when they are registered and here. Raises
+    def from_pretrained(cls, name: str | None = None, runtime: Runtime | None = None,
+                        encoder: str | None = None, identity: str | None = IDENTITY_NAME) -> "Head3DPipeline":
+        """The registry model `name` (default: the first of MODEL_NAMES that is available; float32: volume rendering
+        stays in float32; the generator's own blocks use float16 on CUDA), with the photo encoder (default: the one
+        trained against `name`, ENCODER_NAMES) and identity network when they are registered and here. Raises
         `core.weights.WeightsError` when the generator's weights are unavailable."""
         runtime = runtime or Runtime()
+        name = name or runtime.registry.first_available(MODEL_NAMES)
+        encoder = encoder or ENCODER_NAMES.get(name)
         generator = runtime.get_model(name, build_head3d, dtype=torch.float32)
 
         def optional(model_name, builder):
@@ -322,8 +327,9 @@ class Head3DPipeline:
         """Photo -> aligned crop and pose camera -> encoder ws (-> `refine_steps` refinement steps); raises
         `core.face.FaceInputError` for a bad photo and `WeightsError` without the encoder or identity network."""
         if self.encoder is None or self.identity is None:
-            raise WeightsError(f"Photo input needs the 3D head encoder ({ENCODER_NAME}) and the identity network "
-                               f"({IDENTITY_NAME}); they are not available.")
+            encoder = ENCODER_NAMES.get(self.model_name, "none trained yet")
+            raise WeightsError(f"Photo input on {self.model_name} needs its 3D head encoder ({encoder}) and the "
+                               f"identity network ({IDENTITY_NAME}); they are not available.")
         prepared = prepare_face(photo, size=self.generator.img_resolution)
         yaw, pitch = float(prepared.pose.yaw), float(prepared.pose.pitch)
         target = image_to_tensor(prepared.image).to(self.runtime.device)
