@@ -1,16 +1,23 @@
 """'3D head stylization' tab end to end: /stylize_head gives the original and stylized views with yaw captions, the
 per-view identity similarity and a GLB (+Y up). A tiny random head3d export, a tiny random photo encoder and a style
-delta of a perturbed copy are registered in a temporary registry (the real identity network is copied in)."""
+delta of a perturbed copy are registered in a temporary registry (the real identity network is copied in). One test
+runs the launched app on its bundled 3D head generator."""
 
 from __future__ import annotations
 
 import gradio as gr
+import numpy as np
 import pytest
 import trimesh
 from gradio_client import Client, handle_file
+from PIL import Image
+
+from core import weights as W
+from core.face import detect_faces
 
 from core.mesh import read_glb_asset_extras
 from core.official import PANOHEAD
+from core.pipelines.head3d import ENCODER_NAME
 from core.provenance import read_png_provenance
 from core.runtime import Runtime
 from tabs import stylize3d
@@ -97,7 +104,7 @@ def test_official_panohead_is_listed_with_instructions_until_registered(client):
 def test_without_styles_only_original_with_a_note(weights_dir, tmp_path_factory):
     registry = load_registry(weights_dir)
     registry._entries.pop(STYLE)
-    registry._entries.pop(stylize3d.ENCODER_NAME, None)
+    registry._entries.pop(ENCODER_NAME, None)
     assert stylize3d.available_styles(registry) == []
     demo, client = _launch(Runtime("cpu", registry=registry), tmp_path_factory)
     try:
@@ -110,3 +117,48 @@ def test_without_styles_only_original_with_a_note(weights_dir, tmp_path_factory)
                            api_name="/stylize_head")
     finally:
         demo.close()
+
+
+def test_the_cpu_preview_generator_is_used_and_named_when_it_is_the_only_one(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("preview_weights")
+    preview = stylize3d.MODEL_NAMES[-1]
+    add_head3d_generator(folder, preview)
+    add_identity(folder)
+    registry = load_registry(folder)
+    assert stylize3d.available(registry) and stylize3d.bundled_generator(registry) == preview
+    demo, client = _launch(Runtime("cpu", registry=registry), tmp_path_factory)
+    try:
+        notes = " ".join(c["props"].get("value") or "" for c in demo.config["components"]
+                         if c.get("type") == "markdown")
+        assert "Preview models" in notes and preview in notes
+        _, stylized, glb, table, info = client.predict("seed", 2, None, 0, "original", 2, 30, 0, preview, True,
+                                                       api_name="/stylize_head")
+        assert len(stylized) == 2 and preview in info
+        _check_glb(glb)
+        with pytest.raises(Exception, match=f"(?i)encoder.*{preview}|{preview}.*encoder"):
+            client.predict("photo", 0, handle_file(EXAMPLE_PHOTOS[0]), 0, "original", 1, 0, 0, preview, True,
+                           api_name="/stylize_head")
+    finally:
+        demo.close()
+
+
+def test_bundled_head_turns_with_the_yaw_and_its_glb_bulges_toward_the_viewer(app_client):
+    """The launched app on its bundled weights ('original' style: no bundled style yet): the views at yaw -30, 0
+    and +30 are different images, the frontal one of a face; the GLB (+Y up, the head looking along +Z as in the
+    generator's world frame) is a surface of the head, not the density fog that fills the rendering box, and its
+    largest piece bulges toward the viewer: its front (largest z) across the middle is ahead of its two sides."""
+    original, stylized, glb, table, info = app_client.predict("seed", 0, None, 0, "original", 3, 30, 0,
+                                                              api_name="/stylize_head")
+    views = [np.asarray(Image.open(item["image"]).convert("RGB"), np.float32) for item in original]
+    assert len(views) == 3 and len(stylized) == 3
+    assert min(np.abs(views[i] - views[j]).mean() for i, j in ((0, 1), (1, 2), (0, 2))) > 3
+    assert detect_faces(np.asarray(Image.fromarray(views[1].astype(np.uint8)).resize((128, 128))))
+    _check_glb(glb)
+    mesh = trimesh.load(glb, force="mesh")
+    assert (mesh.extents < 0.6).all()  # the box is 1 unit wide; fog at a low level fills it
+    piece = max(mesh.split(only_watertight=False), key=lambda part: len(part.faces))
+    x, z = piece.vertices[:, 0], piece.vertices[:, 2]
+    bins = np.clip(((x - x.min()) / np.ptp(x) * 5).astype(int), 0, 4)
+    front = [z[bins == index].max() for index in range(5)]
+    assert front[2] > front[0] and front[2] > front[4], f"front z across the head: {np.round(front, 3)}"
+    assert stylize3d.bundled_generator(W.default_registry()) in info
