@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from core.face import detect_faces
@@ -40,6 +39,7 @@ from core.pipelines.head3d import Head3DPipeline
 from core.runtime import Runtime
 from training.eval.cards import write_card_section
 from training.eval.faces import descriptor_distance, frechet_identity_distance, identity_encoder
+from training.eval_taxfree import resize_like
 
 DETECTION_YAWS = (-40.0, -20.0, 0.0, 20.0, 40.0)
 CONSISTENCY_YAW = 30.0
@@ -53,8 +53,7 @@ def detect(image: np.ndarray) -> list:
     """`core.face.detect_faces` on the render, upsampled bicubically to DETECTION_MIN_SIDE when smaller; landmarks
     are in the upsampled image's pixels."""
     if image.shape[1] < DETECTION_MIN_SIDE:
-        image = np.asarray(Image.fromarray(image).resize((DETECTION_MIN_SIDE, DETECTION_MIN_SIDE),
-                                                         Image.Resampling.BICUBIC))
+        image = resize_like(image[None], np.zeros((1, DETECTION_MIN_SIDE, DETECTION_MIN_SIDE, 3), np.uint8))[0]
     return detect_faces(image)
 
 
