@@ -239,7 +239,7 @@ SURFACE_DENSITY = 20.0  # density just behind the surface that the surface term 
 
 
 def surface_loss(G: TriPlaneGenerator, planes: torch.Tensor, depth: torch.Tensor, nearness: torch.Tensor,
-                 cameras: torch.Tensor, gap: float, rays: int, generator: torch.Generator | None = None):
+                 cameras: torch.Tensor, gap: float, rays: int) -> torch.Tensor:
     """A sharp surface where the render's own depth is, on up to `rays` random face pixels per image.
 
     Along each chosen ray, at the rendered (expected) depth d, detached: the point at d - gap (world units) should
@@ -249,7 +249,7 @@ def surface_loss(G: TriPlaneGenerator, planes: torch.Tensor, depth: torch.Tensor
     """
     n, _, size, _ = depth.shape
     face = torch.isfinite(F.interpolate(nearness[:, None], size=(size, size), mode="nearest")).reshape(n, -1)
-    scores = torch.rand(face.shape, generator=generator).to(depth.device) + face.float()  # face pixels first
+    scores = torch.rand(face.shape, device=depth.device) + face.float()  # face pixels first
     chosen = scores.topk(min(rays, size * size), dim=1).indices
     valid = torch.gather(face, 1, chosen).float()
     origins, directions = sample_rays(cameras[:, :16].view(-1, 4, 4), cameras[:, 16:25].view(-1, 3, 3), size)
