@@ -478,8 +478,8 @@ def _model_card(trainer: Head3DTrainer, log: dict | None) -> str:
         f"* **Data:** `{cfg.data}`, split `{cfg.split}`, camera labels from the archive, x-flips"
         f" {'on' if cfg.mirror else 'off'}. Non-commercial research data (see the data card).",
         f"* **Architecture:** tri-grid depth {cfg.triplane_depth} at {cfg.triplane_size} px, neural rendering"
-        f" {cfg.neural_rendering_resolution} px ({cfg.depth_samples} + {cfg.importance_samples} samples), {cfg.superresolution_variant}"
-        f" super-resolution, background network, z/w {cfg.z_dim}/{cfg.w_dim}, channel_base {cfg.channel_base},"
+        f" {cfg.neural_rendering_resolution} px ({cfg.depth_samples} + {cfg.importance_samples} samples),"
+        f" {cfg.superresolution_variant} super-resolution, background network, z/w {cfg.z_dim}/{cfg.w_dim}, channel_base {cfg.channel_base},"
         f" channel_max {cfg.channel_max}; {parameters / 1e6:.2f} M parameters, float16 weights.",
         f"* **Recipe:** batch {cfg.batch}, Adam lr G/D {cfg.lr_g}/{cfg.lr_d}, R1 gamma {cfg.r1_gamma} every"
         f" {cfg.r1_interval}, gpc swap {cfg.gpc_prob}, translation L2 {cfg.translation_reg}, ICT-FaceKit depth"

@@ -12,9 +12,10 @@ StyleGAN2 synthesis blocks, every layer modulated by the last w. Variants, selec
 | SuperresolutionHybrid8XDC | 512 | 128 | up, 256 ch @ 256 | up, 128 ch @ 512 | no |
 | SuperresolutionPreview2X (ours) | 64 | 32 | no-up, 64 ch @ 32 | up, 32 ch @ 64 | yes |
 
-`SuperresolutionPreview2X` is not in the official code: it is Hybrid2X at half the size and half the channels, for the
-bundled 64-px CPU preview of the 3D head generator. The released 512-px FFHQ checkpoints use Hybrid8XDC; the reference vectors use Hybrid2X. Blocks use fp16 with
-`conv_clamp=256` when `sr_num_fp16_res > 0` (the clamp applies in fp32 too); on CPU they always run in fp32.
+`SuperresolutionPreview2X` is not in the official code: it is Hybrid2X at half the size and half the channels, for
+the bundled 64-px CPU preview of the 3D head generator. The released 512-px FFHQ checkpoints use Hybrid8XDC; the
+reference vectors use Hybrid2X. Blocks use fp16 with `conv_clamp=256` when `sr_num_fp16_res > 0` (the clamp
+applies in fp32 too); on CPU they always run in fp32.
 """
 
 from __future__ import annotations
