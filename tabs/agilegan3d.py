@@ -5,14 +5,15 @@ from __future__ import annotations
 import gradio as gr
 
 from core.face import FaceInputError
-from core.pipelines.head3d import ENCODER_NAME, IDENTITY_NAME, MODEL_NAME, Head3DPipeline, available_styles, view_yaws
+from core.pipelines.head3d import (ENCODER_NAMES, IDENTITY_NAME, MODEL_NAME, MODEL_NAMES, Head3DPipeline,
+                                   available_styles, preferred_model, view_yaws)
 from core.runtime import Runtime, gpu
 from core.weights import Registry, WeightsError
-from tabs.common import example_photos, photo_input, raise_user_error, require_photo, save_pngs
+from tabs.common import example_photos, photo_input, preview_note, raise_user_error, require_photo, save_pngs
 
 KEY = "agilegan3d"
 METHOD = "agilegan3d"
-REQUIRED_MODELS = (MODEL_NAME, ENCODER_NAME, IDENTITY_NAME)
+REQUIRED_MODELS = (MODEL_NAMES, tuple(ENCODER_NAMES[name] for name in MODEL_NAMES), IDENTITY_NAME)
 INTRO = (
     "Upload a portrait and get a stylized 3D portrait you can turn around, in a style the 3D generator learned from "
     "about twenty 2D exemplars ([AgileGAN3D](https://arxiv.org/abs/2303.14297): a 2D style prior, an augmented set "
@@ -53,14 +54,20 @@ exact GPU-machine commands.
 
 
 def available(registry: Registry) -> bool:
-    """Shown when its models resolve and at least one AgileGAN3D style exists."""
-    return bool(available_styles(registry, method=METHOD))
+    """Shown when the bundled 3D generator in use (`preferred_model`) has its photo encoder here and at least one
+    AgileGAN3D style."""
+    generator = preferred_model(registry)
+    return registry.is_available(ENCODER_NAMES[generator]) and bool(available_styles(registry, generator, METHOD))
 
 
 def create_tab(runtime: Runtime) -> None:
     """Components and events of the tab, inside the current `gr.Tab`."""
-    styles = available_styles(runtime.registry, method=METHOD)
+    generator = preferred_model(runtime.registry)
+    styles = available_styles(runtime.registry, generator, METHOD)
     gr.Markdown(INTRO)
+    note = preview_note(runtime.registry, {MODEL_NAME: generator})
+    if note:
+        gr.Markdown(note)
     with gr.Row():
         with gr.Column():
             photo = photo_input("Portrait")
@@ -88,7 +95,7 @@ def create_tab(runtime: Runtime) -> None:
     @gpu(duration=60)
     def stylize_on_gpu(photo_path, style_value, view_count, yaw_value, refine_value):
         try:
-            pipeline = Head3DPipeline.from_pretrained(MODEL_NAME, runtime)
+            pipeline = Head3DPipeline.from_pretrained(generator, runtime)
             result = pipeline.stylize(style_value, photo=photo_path, refine_steps=int(refine_value),
                                       yaws=view_yaws(int(view_count), yaw_value))
         except (FaceInputError, WeightsError, ValueError) as error:

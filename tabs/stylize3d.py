@@ -8,7 +8,8 @@ import gradio as gr
 from core.face import FaceInputError
 from core.official import PANOHEAD, VARIANTS, stylized_variants
 from core.pipelines.head3d import (ENCODER_NAMES, IDENTITY_NAME, MODEL_NAME, MODEL_NAMES, Head3DPipeline,
-                                   available_styles, available_stylized_generators, load_official, view_yaws)
+                                   available_styles, available_stylized_generators, load_official, preferred_model,
+                                   view_yaws)
 from core.runtime import Runtime, gpu
 from core.weights import Registry, WeightsError
 from tabs.common import (MAX_SEED, example_photos, photo_input, preview_note, raise_user_error, randomize_seed,
@@ -49,14 +50,9 @@ def available(registry: Registry) -> bool:
     return any(registry.is_available(name) for name in (*MODEL_NAMES, PANOHEAD.name))
 
 
-def bundled_generator(registry: Registry) -> str:
-    """The bundled generator the tab uses: the first of MODEL_NAMES that is here, else the preferred (untrained) one."""
-    return next((name for name in MODEL_NAMES if registry.is_available(name)), MODEL_NAME)
-
-
 def _generators(registry: Registry) -> dict[str, str]:
     """Registry name -> label of the dropdown's generators: the bundled one, then the official PanoHead."""
-    bundled = bundled_generator(registry)
+    bundled = preferred_model(registry)
     return {bundled: f"Bundled 3D head generator ({bundled})", PANOHEAD.name: PANOHEAD.title}
 
 
@@ -100,7 +96,7 @@ def _missing(registry: Registry, generator: str, style: str) -> str | None:
 def create_tab(runtime: Runtime) -> None:
     """Components and events of the tab, inside the current `gr.Tab`."""
     registry = runtime.registry
-    bundled = bundled_generator(registry)
+    bundled = preferred_model(registry)
     encoder = ENCODER_NAMES.get(bundled)
     photo_ready = encoder is not None and registry.is_available(encoder)
     default = next(name for name in _generators(registry) if registry.is_available(name))

@@ -107,7 +107,7 @@ def bases(tmp_path_factory):
 def _args(bases, run, *extra):
     return ["--exemplars", str(bases / "exemplars"), "--name", "noise", "--base2d", str(bases / "base2d"),
             "--base3d", str(bases / "base3d"), "--base-encoder", str(bases / "encoder"), "--data",
-            str(bases / "faces32.npz"), "--run", str(run), "--tiny", "--aligned", "--reserve-s", "1",
+            str(bases / "faces32.npz"), "--run", str(run), "--recipe", "tiny", "--aligned", "--reserve-s", "1",
             "--log-every", "1", *extra]
 
 

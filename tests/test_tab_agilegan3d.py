@@ -13,7 +13,7 @@ from PIL import Image
 
 from core import weights as W
 from core.mesh import read_glb_asset_extras
-from core.pipelines.head3d import Head3DPipeline
+from core.pipelines.head3d import MODEL_NAMES, Head3DPipeline
 from core.provenance import read_png_provenance
 from core.runtime import Runtime
 from tabs import agilegan3d, available_tabs
@@ -48,7 +48,9 @@ def client(registry, tmp_path_factory):
 
 def test_tab_needs_an_agilegan3d_style(registry, tmp_path):
     assert agilegan3d in available_tabs(registry)
-    without_style = W.Registry([registry.entry(n) for n in agilegan3d.REQUIRED_MODELS], registry.weights_dir)
+    names = [name for required in agilegan3d.REQUIRED_MODELS
+             for name in ((required,) if isinstance(required, str) else required) if name in registry.names]
+    without_style = W.Registry([registry.entry(n) for n in names], registry.weights_dir)
     assert agilegan3d not in available_tabs(without_style)
 
 
@@ -84,3 +86,34 @@ def test_bad_input_gets_clear_messages(client, tmp_path):
     Image.new("RGB", (256, 256), "gray").save(blank)
     with pytest.raises(Exception, match="(?i)no face"):
         client.predict(handle_file(str(blank)), STYLE, 3, 30, 0, api_name="/agile3d_stylize")
+
+
+def test_the_tab_runs_on_the_cpu_preview_generator_when_it_is_the_only_one(tmp_path_factory):
+    """Only the 64-px preview generator, its encoder and a style of it: the tab is shown, says it runs on a
+    preview, and stylizes a photo with the preview; a style of the 128-px generator alone does not show the tab."""
+    folder = tmp_path_factory.mktemp("preview_weights")
+    preview = MODEL_NAMES[-1]
+    base = add_head3d_generator(folder, preview)
+    add_identity(folder)
+    add_head3d_encoder(folder, preview)
+    registry = load_registry(folder)
+    assert not agilegan3d.available(registry)
+    add_agilegan3d_styles(folder, base, STYLE, None, base_name=preview)
+    registry = load_registry(folder)
+    assert agilegan3d in available_tabs(registry)
+    with gr.Blocks() as demo:
+        agilegan3d.create_tab(Runtime("cpu", registry=registry))
+    demo.queue(max_size=4)
+    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, max_file_size=MAX_UPLOAD_SIZE)
+    try:
+        notes = " ".join(c["props"].get("value") or "" for c in demo.config["components"]
+                         if c.get("type") == "markdown")
+        assert "Preview models" in notes and preview in notes
+        client = Client(url, verbose=False, download_files=str(tmp_path_factory.mktemp("preview_downloads")))
+        _, _, views, glb, info = client.predict(handle_file(EXAMPLE_PHOTOS[2]), STYLE, 2, 30, 0,
+                                                api_name="/agile3d_stylize")
+        assert len(views) == 2 and read_glb_asset_extras(glb)["parameters"]["style"] == STYLE
+        assert read_png_provenance(views[0]["image"])["model"] == preview
+        assert "the style's own encoder" in info
+    finally:
+        demo.close()

@@ -17,7 +17,7 @@ from core.face import detect_faces
 
 from core.mesh import read_glb_asset_extras
 from core.official import PANOHEAD
-from core.pipelines.head3d import ENCODER_NAME
+from core.pipelines.head3d import ENCODER_NAME, preferred_model
 from core.provenance import read_png_provenance
 from core.runtime import Runtime
 from tabs import stylize3d
@@ -125,7 +125,7 @@ def test_the_cpu_preview_generator_is_used_and_named_when_it_is_the_only_one(tmp
     add_head3d_generator(folder, preview)
     add_identity(folder)
     registry = load_registry(folder)
-    assert stylize3d.available(registry) and stylize3d.bundled_generator(registry) == preview
+    assert stylize3d.available(registry) and preferred_model(registry) == preview
     demo, client = _launch(Runtime("cpu", registry=registry), tmp_path_factory)
     try:
         notes = " ".join(c["props"].get("value") or "" for c in demo.config["components"]
@@ -161,4 +161,4 @@ def test_bundled_head_turns_with_the_yaw_and_its_glb_bulges_toward_the_viewer(ap
     bins = np.clip(((x - x.min()) / np.ptp(x) * 5).astype(int), 0, 4)
     front = [z[bins == index].max() for index in range(5)]
     assert front[2] > front[0] and front[2] > front[4], f"front z across the head: {np.round(front, 3)}"
-    assert stylize3d.bundled_generator(W.default_registry()) in info
+    assert preferred_model(W.default_registry()) in info

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from core.weights import ModelEntry, Registry, default_registry
@@ -37,4 +39,18 @@ def test_previews_are_listed_but_left_out_of_the_planned_total():
     _, without = budget_table(Registry([]), plans)
     table, total = budget_table(Registry([ModelEntry(preview, "", "", (), bundled="p")]), plans)
     assert f"| {preview} | preview, deleted for {planned} |" in table
+    assert total == without
+
+
+def test_styles_of_a_preview_are_listed_but_left_out_of_the_planned_total(tmp_path):
+    from core.pipelines.head3d import MODEL_NAMES
+    from core.weights import FileSpec
+
+    (tmp_path / "style").mkdir()
+    (tmp_path / "style" / "config.json").write_text(json.dumps({"kind": "style_delta", "base": MODEL_NAMES[-1]}))
+    plans = planned_models()
+    _, without = budget_table(Registry([]), plans)
+    style = ModelEntry("agilegan3d-preview", "", "", (FileSpec("config.json", "", 2**20),), bundled="style")
+    table, total = budget_table(Registry([style], tmp_path), plans)
+    assert f"| agilegan3d-preview | style of the preview {MODEL_NAMES[-1]}, deleted with it |" in table
     assert total == without

@@ -113,17 +113,19 @@ def add_head3d_generator(weights_dir: Path, name: str = head3d.MODEL_NAME) -> to
     return trainer.G_ema
 
 
-def add_head3d_encoder(weights_dir: Path) -> None:
-    """A tiny random photo encoder for the registered 3D head generator (needs the identity network registered)."""
+def add_head3d_encoder(weights_dir: Path, generator: str = head3d.MODEL_NAME) -> None:
+    """A tiny random photo encoder for the registered 3D head generator `generator`, registered under its
+    `head3d.ENCODER_NAMES` name (needs the identity network registered)."""
     from core.beauty import load_identity_encoder
     from core.nets import load_generator
     from training.train_head3d_encoder import Head3DEncoderConfig, Head3DEncoderTrainer
 
     encoder = Head3DEncoderTrainer(Head3DEncoderConfig(encoder_overrides=TINY_ENCODER),
-                                   load_generator(weights_dir / head3d.MODEL_NAME),
+                                   load_generator(weights_dir / generator),
                                    load_identity_encoder("identity-resnet"))
-    encoder.export(weights_dir / head3d.ENCODER_NAME)
-    register(weights_dir / head3d.ENCODER_NAME, head3d.ENCODER_NAME, weights_dir)
+    name = head3d.ENCODER_NAMES[generator]
+    encoder.export(weights_dir / name)
+    register(weights_dir / name, name, weights_dir)
 
 
 def _perturbed(module: torch.nn.Module, part: str) -> torch.nn.Module:
@@ -144,14 +146,15 @@ def add_stylize3d_style(weights_dir: Path, base: torch.nn.Module, name: str = ST
 
 
 def add_agilegan3d_styles(weights_dir: Path, base: torch.nn.Module, name: str = AGILE_STYLE,
-                          plain_name: str | None = AGILE_PLAIN_STYLE) -> None:
-    """AgileGAN3D styles over `base`: `name` ships its own encoder part (needs the photo encoder registered),
-    `plain_name` (unless None) has the same generator delta only."""
-    generator_delta = make_style_delta(base, _perturbed(base, "superresolution"), head3d.MODEL_NAME)
-    encoder_folder = weights_dir / head3d.ENCODER_NAME
+                          plain_name: str | None = AGILE_PLAIN_STYLE, base_name: str = head3d.MODEL_NAME) -> None:
+    """AgileGAN3D styles over `base` (registered as `base_name`): `name` ships its own encoder part (needs the
+    generator's photo encoder registered), `plain_name` (unless None) has the same generator delta only."""
+    generator_delta = make_style_delta(base, _perturbed(base, "superresolution"), base_name)
+    encoder_name = head3d.ENCODER_NAMES[base_name]
+    encoder_folder = weights_dir / encoder_name
     base_encoder = build_head3d_encoder(json.loads((encoder_folder / "config.json").read_text()),
                                         load_file(encoder_folder / "model.safetensors"))
-    encoder_delta = make_style_delta(base_encoder, _perturbed(base_encoder, "heads"), head3d.ENCODER_NAME)
+    encoder_delta = make_style_delta(base_encoder, _perturbed(base_encoder, "heads"), encoder_name)
     save_style_delta(generator_delta, weights_dir / name, extra_config={"method": "agilegan3d", "style": "test"},
                      parts={"encoder": encoder_delta})
     register(weights_dir / name, name, weights_dir)

@@ -145,6 +145,10 @@ class AgileConfig:
 TINY = AgileConfig(prior_steps=2, prior_batch=2, projection_steps=2, augment_count=4, augment_batch=2,
                    transfer_steps=2, transfer_batch=2, mbstd_group=2, encoder_steps=2, encoder_batch=2,
                    encoder_photos=4, eval_photos=2)
+# The CPU preview of a style over the 32-px 2D and 64-px 3D previews: about 40 minutes on one core of the
+# development CPU (the transfer and encoder stages are the GPU recipe's length / 3 and / 5 in images).
+CPU_PREVIEW = AgileConfig(prior_steps=1000, augment_count=600, transfer_steps=400, transfer_batch=8, encoder_steps=300)
+RECIPES = {"gpu": AgileConfig(), "cpu-preview": CPU_PREVIEW, "tiny": TINY}
 
 
 # ---- inputs -----------------------------------------------------------------------------------------------------
@@ -772,7 +776,7 @@ def start_run(run: Path, args: argparse.Namespace, names: list[str], photos: Pat
     if reference is None:
         print(f"no base 3D encoder ({args.base_encoder_name} is not here and no --base-encoder): stage 4 will start"
               " from a fresh Head3DEncoder", flush=True)
-    marker = {"name": args.name, "config": dataclasses.asdict(TINY if args.tiny else AgileConfig()), "completed": [],
+    marker = {"name": args.name, "config": dataclasses.asdict(RECIPES[args.recipe]), "completed": [],
               "exemplars_dir": str(args.exemplars), "exemplars": names, "aligned": args.aligned,
               "exemplar_source": exemplar_source(args.exemplars, args.exemplar_origin, args.exemplar_licence),
               "base2d": str(args.base2d), "base3d": str(args.base3d), "base_encoder": reference,
@@ -828,7 +832,7 @@ def run_study(args: argparse.Namespace, parser: argparse.ArgumentParser, deadlin
         names = exemplar_names(args.exemplars)
         if counts[0] < 2 or counts[-1] > len(names):
             parser.error(f"exemplar counts must lie in 2..{len(names)} (the folder's images)")
-        agile = TINY if args.tiny else AgileConfig()
+        agile = RECIPES[args.recipe]
         order = np.random.default_rng(agile.seed).permutation(len(names))
         root.mkdir(parents=True, exist_ok=True)
         write_photos(args.data, root / PHOTOS_FILE, agile.encoder_photos, agile.eval_photos, agile.seed)
@@ -913,7 +917,9 @@ def main(argv: list[str] | None = None) -> int:
                                          " is done; with --exemplar-counts once the study is done")
     parser.add_argument("--exemplar-counts", help="start the exemplar-count study instead, e.g. 5,10,20 (a study"
                                                   " folder is resumed without it)")
-    parser.add_argument("--tiny", action="store_true", help="tiny recipe (1-2 steps per stage) for tests")
+    parser.add_argument("--recipe", default="gpu", choices=sorted(RECIPES),
+                        help="recipe of a new run: gpu (the default), cpu-preview (over the 32/64-px previews, about"
+                             " 40 min on one CPU core) or tiny (1-2 steps per stage, for tests)")
     parser.add_argument("--aligned", action="store_true", help="exemplars are aligned face crops already")
     parser.add_argument("--exemplar-origin", help="where the exemplars come from (model card)")
     parser.add_argument("--exemplar-licence", help="the exemplars' licence (model card)")

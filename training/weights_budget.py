@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,12 +138,20 @@ def preview_replacements() -> dict[str, str]:
     from core.pipelines import beauty, head3d, latents2semantics, taxfree
 
     alternatives = [*taxfree.VARIANTS.values(), *zip(*beauty.GENERATOR_ENCODER_PAIRS), latents2semantics.MODEL_NAMES,
-                    head3d.MODEL_NAMES]
+                    head3d.MODEL_NAMES, tuple(head3d.ENCODER_NAMES[name] for name in head3d.MODEL_NAMES)]
     return {fallback: preferred for preferred, *fallbacks in alternatives for fallback in fallbacks}
 
 
+def _style_base(registry: Registry, name: str) -> str | None:
+    """The `base` of a bundled model's config.json (the generator a style delta applies to), if any."""
+    _, paths = registry.locate(name)
+    if paths is None or "config.json" not in paths:
+        return None
+    return json.loads(paths["config.json"].read_text()).get("base")
+
+
 def budget_table(registry: Registry, plans: list[PlannedModel]) -> tuple[str, float]:
-    """Markdown table and the planned total in MiB (previews listed, not counted)."""
+    """Markdown table and the planned total in MiB (previews and the styles of previews listed, not counted)."""
     names = set(registry.names)
     previews = preview_replacements()
     lines = ["| model | status | count | float16 export | compact checkpoint |", "|---|---|---|---|---|"]
@@ -150,6 +159,10 @@ def budget_table(registry: Registry, plans: list[PlannedModel]) -> tuple[str, fl
     for name, size in bundled_bytes(registry).items():
         if name in previews:
             lines.append(f"| {name} | preview, deleted for {previews[name]} | 1 | {size / MIB:.2f} MiB | |")
+            continue
+        base = _style_base(registry, name)
+        if base in previews:
+            lines.append(f"| {name} | style of the preview {base}, deleted with it | 1 | {size / MIB:.2f} MiB | |")
             continue
         lines.append(f"| {name} | bundled | 1 | {size / MIB:.2f} MiB | |")
         total += size

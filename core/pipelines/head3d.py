@@ -44,7 +44,8 @@ from core.weights import Registry, WeightsError
 MODEL_NAMES = ("head3d-faces128", "head3d-faces64")  # preferred first; the 64-px one is a CPU-trained preview
 MODEL_NAME = MODEL_NAMES[0]
 ENCODER_NAME = "head3d-encoder-faces128"
-ENCODER_NAMES = {MODEL_NAME: ENCODER_NAME}  # each photo encoder belongs to the generator it was trained against
+# each photo encoder belongs to the generator it was trained against
+ENCODER_NAMES = {MODEL_NAME: ENCODER_NAME, "head3d-faces64": "head3d-encoder-faces64"}
 IDENTITY_NAME = "identity-resnet"
 STYLE_KIND = "style_delta"
 METHOD = "head3d"
@@ -129,6 +130,12 @@ def build_identity(config: dict[str, Any], state_dict: dict[str, torch.Tensor]) 
     identity = IdentityEncoder(config)
     identity.load_state_dict({key: value.float() for key, value in state_dict.items()})
     return identity
+
+
+def preferred_model(registry: Registry) -> str:
+    """The bundled generator the tabs use: the first of MODEL_NAMES that is here, else the preferred (untrained)
+    one."""
+    return next((name for name in MODEL_NAMES if registry.is_available(name)), MODEL_NAME)
 
 
 def available_styles(registry: Registry, base: str = MODEL_NAME, method: str | None = None) -> list[str]:
