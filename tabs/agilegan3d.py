@@ -46,6 +46,11 @@ with a model card that reports, on held-out photos, the identity of the stylized
 consistency from yaw -30° to 30° and the style strength. Restart the app and the style shows up here; photos are
 then encoded with the style's own encoder.
 
+**The bundled styles are CPU previews**, trained with `--recipe cpu-preview` over the 32-px 2D and 64-px 3D preview
+generators (`--base2d weights/stylegan2_faces32 --base3d weights/head3d_faces64 --base3d-name head3d-faces64
+--base-encoder weights/head3d_encoder_faces64 --base-encoder-name head3d-encoder-faces64`), about 1.5 hours
+per style on one core of a 2-core CPU; their model cards have the commands and what they measured.
+
 **How many exemplars?** Add `--exemplar-counts 5,10,20` (with `--run` naming a study folder) to train the style on
 nested random subsets of 5, 10 and 20 exemplars and evaluate each the same way; the table goes into the model card of
 the 20-exemplar style, which `--export` writes. `training/README.md` ("AgileGAN3D styles") has the details and the
@@ -81,9 +86,9 @@ def create_tab(runtime: Runtime) -> None:
             with gr.Accordion("Train a new style", open=False):
                 gr.Markdown(TRAINING_HELP)
         with gr.Column():
-            with gr.Row():
-                aligned = gr.Image(label="Input (aligned)", format="png", height=200)
-                frontal = gr.Image(label="3D inversion (frontal)", format="png", height=200)
+            with gr.Row():  # "fit-image": app.CSS scales images smaller than the box (the 64-px preview's) up
+                aligned = gr.Image(label="Input (aligned)", format="png", height=200, elem_classes=["fit-image"])
+                frontal = gr.Image(label="3D inversion (frontal)", format="png", height=200, elem_classes=["fit-image"])
             stylized = gr.Gallery(label="Stylized portrait", columns=5, format="png", elem_classes=["view-strip"])
             mesh = gr.Model3D(label="Stylized head (GLB)", clear_color=(0.95, 0.95, 0.95, 1.0), height=300)
             info = gr.Markdown()
@@ -111,8 +116,8 @@ def create_tab(runtime: Runtime) -> None:
         timing = ", ".join(f"{name[:-2]} {seconds:.2f} s" for name, seconds in result.timings.items())
         encoder = ("the style's own encoder" if result.provenance.parameters["encoder"] == "style"
                    else "the base encoder")
-        notes = (f"Style **{style_value}**; photo encoded with {encoder}. Identity similarity input vs 3D inversion "
-                 "(frontal): "
+        notes = (f"Style **{style_value}** of {generator}; photo encoded with {encoder}. Identity similarity input "
+                 "vs 3D inversion (frontal): "
                  f"**{inversion.identity_similarity:.3f}**; inversion vs stylized per view: {similarity}.\n\n"
                  f"{timing} on {runtime.device.type}.")
         return (aligned_png, frontal_png, list(zip(views_png, captions)),

@@ -16,7 +16,7 @@ from core.pipelines.head3d import Head3DPipeline
 from core.runtime import Runtime
 from tabs.common import EXAMPLE_PHOTOS
 from tests.test_head3d import TINY
-from training.eval_head3d import evaluate
+from training.eval_head3d import encoder_card_section, evaluate
 from training.resumable import Deadline
 from training.train_head3d import build_head_generator
 from training.train_head3d_encoder import Head3DEncoderConfig, Head3DEncoderTrainer, train
@@ -107,9 +107,15 @@ def test_photo_path_needs_the_encoder(parts):
 def test_evaluation_produces_numbers(pipeline):
     crops = [np.asarray(Image.open(path).convert("RGB").resize((128, 128)))
              for path in EXAMPLE_PHOTOS[:2]]
-    metrics = evaluate(pipeline, crops, seeds=2, photos=1)
+    metrics = evaluate(pipeline, crops, seeds=2, photos=1, refine_steps=(0, 1))
     assert 0 <= metrics["face_detection_rate"] <= 1 and 0 <= metrics["nose_in_front_rate"] <= 1
-    for key in ("identity_consistency", "nose_depth_margin", "fd_id", "inversion_identity"):
+    for key in ("identity_consistency", "nose_depth_margin", "fd_id"):
         assert np.isfinite(metrics[key]), key
-    assert metrics["fd_id"] >= 0 and metrics["inversion_photos"] == 1
+    assert metrics["fd_id"] >= 0 and [row["refine_steps"] for row in metrics["inversion"]] == [0, 1]
+    assert all(np.isfinite(row["identity"]) and row["photos"] == 1 for row in metrics["inversion"])
     assert metrics["same_person_rate"] == 0  # random renders show no face: never the same person
+    assert all(row["same_person_rate"] == 0 for row in metrics["inversion"])  # nor a random inversion the photo's
+    section = encoder_card_section({**metrics, "generator": "tiny-random"})
+    assert section.count("photo inversion: same person") == 2 and "1 refinement steps" in section
+    alone = evaluate(pipeline, crops, seeds=0, photos=1)
+    assert "fd_id" not in alone and len(alone["inversion"]) == 1

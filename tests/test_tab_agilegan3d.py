@@ -5,6 +5,7 @@ and a style are trained, tiny random ones are registered in a temporary registry
 from __future__ import annotations
 
 import gradio as gr
+import numpy as np
 import pytest
 import torch
 import trimesh
@@ -13,7 +14,7 @@ from PIL import Image
 
 from core import weights as W
 from core.mesh import read_glb_asset_extras
-from core.pipelines.head3d import MODEL_NAMES, Head3DPipeline
+from core.pipelines.head3d import MODEL_NAMES, Head3DPipeline, available_styles, preferred_model
 from core.provenance import read_png_provenance
 from core.runtime import Runtime
 from tabs import agilegan3d, available_tabs
@@ -117,3 +118,23 @@ def test_the_tab_runs_on_the_cpu_preview_generator_when_it_is_the_only_one(tmp_p
         assert "the style's own encoder" in info
     finally:
         demo.close()
+
+
+def test_bundled_style_turns_a_photo_into_a_stylized_3d_portrait(app_client):
+    """The launched app on its bundled weights (the 64-px preview generator, its encoder and the preview styles):
+    an example photo gives three different stylized views, each unlike the unstylized inversion, and a GLB that
+    is a surface of the head (not the density fog filling the rendering box)."""
+    registry = W.default_registry()
+    styles = available_styles(registry, preferred_model(registry), "agilegan3d")
+    assert len(styles) >= 2
+    for style in styles:
+        aligned, frontal, views, glb, info = app_client.predict(handle_file(EXAMPLE_PHOTOS[2]), style, 3, 30, 0,
+                                                                api_name="/agile3d_stylize")
+        images = [np.asarray(Image.open(item["image"]).convert("RGB"), np.float32) for item in views]
+        assert min(np.abs(images[i] - images[j]).mean() for i, j in ((0, 1), (1, 2), (0, 2))) > 3
+        inversion = np.asarray(Image.open(frontal).convert("RGB"), np.float32)
+        assert np.abs(images[1] - inversion).mean() > 10, style  # the style shows
+        mesh = trimesh.load(glb, force="mesh")
+        assert 0 < len(mesh.faces) <= 100_000 and (mesh.extents < 0.6).all(), style
+        assert read_glb_asset_extras(glb)["parameters"]["style"] == style
+        assert "the style's own encoder" in info and preferred_model(registry) in info

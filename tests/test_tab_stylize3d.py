@@ -1,9 +1,11 @@
 """'3D head stylization' tab end to end: /stylize_head gives the original and stylized views with yaw captions, the
 per-view identity similarity and a GLB (+Y up). A tiny random head3d export, a tiny random photo encoder and a style
-delta of a perturbed copy are registered in a temporary registry (the real identity network is copied in). One test
-runs the launched app on its bundled 3D head generator."""
+delta of a perturbed copy are registered in a temporary registry (the real identity network is copied in). Two tests
+run the launched app on its bundled 3D head generator (from a seed, from a photo)."""
 
 from __future__ import annotations
+
+import re
 
 import gradio as gr
 import numpy as np
@@ -162,3 +164,20 @@ def test_bundled_head_turns_with_the_yaw_and_its_glb_bulges_toward_the_viewer(ap
     front = [z[bins == index].max() for index in range(5)]
     assert front[2] > front[0] and front[2] > front[4], f"front z across the head: {np.round(front, 3)}"
     assert preferred_model(W.default_registry()) in info
+
+
+def test_bundled_photo_input_renders_the_photos_head(app_client):
+    """The bundled preview generator with its photo encoder: an example photo gives three different views of a face
+    and a GLB, and refinement steps bring the frontal render closer to the photo (the note reports the cosine)."""
+    def similarity(info):
+        return float(re.search(r"identity similarity input vs frontal render: (-?[0-9]+\.[0-9]+)", info).group(1))
+
+    original, _, glb, _, info = app_client.predict("photo", 0, handle_file(EXAMPLE_PHOTOS[2]), 0, "original", 3, 30,
+                                                   0, api_name="/stylize_head")
+    views = [np.asarray(Image.open(item["image"]).convert("RGB")) for item in original]
+    assert min(np.abs(views[i].astype(np.float32) - views[j]).mean() for i, j in ((0, 1), (1, 2), (0, 2))) > 3
+    assert detect_faces(np.asarray(Image.fromarray(views[1]).resize((128, 128))))
+    _check_glb(glb)
+    *_, refined_info = app_client.predict("photo", 0, handle_file(EXAMPLE_PHOTOS[2]), 10, "original", 1, 0, 0,
+                                          api_name="/stylize_head")
+    assert similarity(refined_info) > similarity(info) + 0.01, (info, refined_info)

@@ -17,8 +17,11 @@ metrics against the issue's targets.
   fraction of seeds whose nose is nearer than both cheeks, `nose_depth_margin` the mean (cheek - nose) depth in
   world units (positive: nose in front).
 * `fd_id`: Frechet distance of identity embeddings, frontal renders vs the archive's test crops.
-* With an encoder: `inversion_identity` (mean identity cosine of each test crop to the frontal render of its
-  inversion) over `--photos` test crops, with `--refine-steps` refinement steps.
+* With an encoder, over `--photos` test crops, once per `--refine-steps` setting (e.g. `0,30`), a row of
+  `inversion`: `identity` (mean identity cosine of each aligned crop to the frontal render of its inversion) and
+  `same_person_rate` (fraction whose render at the crop's own camera is the crop's person by dlib's descriptor
+  distance, below 0.6). With `--card`, the encoder's model card gets its own "Evaluation (eval_head3d)" section
+  with these. `--seeds 0` measures the encoder alone (no generator metrics, the generator's card untouched).
 """
 
 from __future__ import annotations
@@ -78,10 +81,29 @@ def nose_depth_margin(pipeline: Head3DPipeline, ws: torch.Tensor, image: np.ndar
 
 
 def evaluate(pipeline: Head3DPipeline, test_crops: list[np.ndarray], seeds: int = 64, photos: int = 0,
-             refine_steps: int = 0, truncation_psi: float = 0.7) -> dict[str, Any]:
-    """The metrics above for `seeds` seeds (and `photos` inversions when the pipeline has an encoder)."""
-    if seeds < 2:
-        raise ValueError("need at least 2 seeds (FD-id)")
+             refine_steps: tuple[int, ...] = (0,), truncation_psi: float = 0.7) -> dict[str, Any]:
+    """The metrics above for `seeds` seeds (none for 0) and `photos` inversions per refinement setting when the
+    pipeline has an encoder."""
+    if seeds == 1:
+        raise ValueError("need at least 2 seeds (FD-id), or 0 for the encoder alone")
+    metrics: dict[str, Any] = generator_metrics(pipeline, test_crops, seeds, truncation_psi) if seeds else {}
+    if photos and pipeline.encoder is not None:
+        threshold = pipeline.identity.config["same_person_distance"]
+        metrics["inversion"] = []
+        for steps in refine_steps:
+            inversions = [pipeline.invert(crop, steps) for crop in test_crops[:photos]]
+            distances = descriptor_distance([item.aligned for item in inversions],
+                                            [item.reconstruction for item in inversions], pipeline.identity)
+            metrics["inversion"].append({
+                "refine_steps": steps, "photos": len(inversions),
+                "identity": float(np.mean([item.identity_similarity for item in inversions])),
+                "same_person_rate": float(np.mean(distances < threshold))})
+    return metrics
+
+
+def generator_metrics(pipeline: Head3DPipeline, test_crops: list[np.ndarray], seeds: int,
+                      truncation_psi: float) -> dict[str, Any]:
+    """The generator's metrics above over `seeds` seeds."""
     views = [(yaw, 0.0) for yaw in DETECTION_YAWS] + [(-CONSISTENCY_YAW, 0.0), (CONSISTENCY_YAW, 0.0)]
     renders, frontal, turned, margins = [], [], [], []
     for seed in range(seeds):
@@ -109,10 +131,6 @@ def evaluate(pipeline: Head3DPipeline, test_crops: list[np.ndarray], seeds: int 
         "fd_id": frechet_identity_distance(frontal, test_crops, pipeline.identity),
         "test_crops": len(test_crops),
     }
-    if photos and pipeline.encoder is not None:
-        similarities = [pipeline.invert(crop, refine_steps).identity_similarity for crop in test_crops[:photos]]
-        metrics.update(inversion_identity=float(np.mean(similarities)), inversion_photos=len(similarities),
-                       refine_steps=refine_steps)
     return metrics
 
 
@@ -134,15 +152,34 @@ def card_section(metrics: dict[str, Any]) -> str:
         (f"FD-id, frontal renders vs {metrics['test_crops']} {metrics.get('split', 'test')} crops",
          f"{metrics['fd_id']:.3f}", "reported", ""),
     ]
-    if "inversion_identity" in metrics:
-        rows.append((f"photo inversion identity cosine ({metrics['inversion_photos']} crops, "
-                     f"{metrics['refine_steps']} refinement steps)", f"{metrics['inversion_identity']:.3f}",
-                     "reported", ""))
+    rows += inversion_rows(metrics)
     lines = ["", "## Evaluation (eval_head3d)", "",
              f"`python -m training.eval_head3d` on {metrics['seeds']} seeds (truncation 0.7); renders smaller than "
              f"{DETECTION_MIN_SIDE} px are upsampled to it for face detection.", "",
              "| metric | value | target | |", "|---|---|---|---|"]
     lines += [f"| {name} | {value} | {target} | {ok} |" for name, value, target, ok in rows]
+    return "\n".join(lines) + "\n"
+
+
+def inversion_rows(metrics: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """The photo-inversion rows of a card table, two per refinement setting (none without an encoder)."""
+    rows = []
+    for row in metrics.get("inversion", []):
+        setting = f"{row['photos']} test crops, {row['refine_steps']} refinement steps"
+        rows += [(f"photo inversion: identity cosine, crop vs frontal render ({setting})", f"{row['identity']:.3f}",
+                  "reported", ""),
+                 (f"photo inversion: same person, crop vs render at its camera (dlib distance < 0.6; {setting})",
+                  f"{row['same_person_rate']:.1%}", "reported", "")]
+    return rows
+
+
+def encoder_card_section(metrics: dict[str, Any]) -> str:
+    """The encoder's model card section "## Evaluation (eval_head3d)": the photo-inversion rows."""
+    lines = ["", "## Evaluation (eval_head3d)", "",
+             f"`python -m training.eval_head3d --encoder` with the generator `{metrics['generator']}`; each crop is "
+             "aligned and its camera estimated as in the app (`core.face.prepare_face`).", "",
+             "| metric | value | target | |", "|---|---|---|---|"]
+    lines += [f"| {name} | {value} | {target} | {ok} |" for name, value, target, ok in inversion_rows(metrics)]
     return "\n".join(lines) + "\n"
 
 
@@ -167,17 +204,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--split", default="test")
     parser.add_argument("--seeds", type=int, default=64)
     parser.add_argument("--photos", type=int, default=32)
-    parser.add_argument("--refine-steps", type=int, default=0)
+    parser.add_argument("--refine-steps", default="0", help="refinement settings of the inversion rows, e.g. 0,30")
     parser.add_argument("--max-crops", type=int, default=1000)
     parser.add_argument("--out", help="write the metrics JSON here")
-    parser.add_argument("--card", action="store_true", help="write the evaluation section of the generator's card")
+    parser.add_argument("--card", action="store_true", help="write the evaluation sections of the generator's card"
+                        " (and of the encoder's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
 
     archive = load_archive(args.data, split=args.split)
     crops = [archive.image(i) for i in range(min(len(archive), args.max_crops))]
     pipeline = load_pipeline(args.generator, args.encoder, args.device)
-    metrics = evaluate(pipeline, crops, args.seeds, args.photos, args.refine_steps)
+    refine_steps = tuple(int(steps) for steps in args.refine_steps.split(","))
+    metrics = evaluate(pipeline, crops, args.seeds, args.photos, refine_steps)
     metrics.update(generator=str(args.generator), encoder=args.encoder, data=args.data, split=args.split)
     text = json.dumps(metrics, indent=1)
     if args.out:
@@ -185,7 +224,12 @@ def main(argv: list[str] | None = None) -> None:
         Path(args.out).write_text(text + "\n")
     print(text, flush=True)
     if args.card:
-        write_card_section(Path(args.generator) / "README.md", card_section(metrics), key="Evaluation (eval_head3d)")
+        if args.seeds:
+            write_card_section(Path(args.generator) / "README.md", card_section(metrics),
+                               key="Evaluation (eval_head3d)")
+        if metrics.get("inversion"):
+            write_card_section(Path(args.encoder) / "README.md", encoder_card_section(metrics),
+                               key="Evaluation (eval_head3d)")
 
 
 if __name__ == "__main__":
