@@ -226,8 +226,10 @@ def test_without_a_base_encoder_stage_4_starts_fresh_and_the_style_ships_none(ba
     assert run_encoder_stage(run, AgileConfig(**marker["config"]), marker, StepsDeadline(5), "cpu", 1)
     assert "fresh Head3DEncoder" in capsys.readouterr().out
     marker["completed"].append("encoder")
+    marker["base3d_name"] = "head3d-faces64"  # recorded at the start: the delta names it, whatever export is told
     out = export_style(run, marker, tmp_path / "style")
     config = json.loads((out / "config.json").read_text())
+    assert config["base"] == "head3d-faces64"
     assert "parts" not in config and "evaluation" not in config and not (out / "encoder.safetensors").exists()
     assert "Trained from a fresh Head3DEncoder, so it is not shipped" in (out / "README.md").read_text()
 

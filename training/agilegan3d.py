@@ -624,14 +624,14 @@ def exemplar_source(exemplars: str | Path | None, origin: str | None, licence: s
     return {"origin": origin or note or "unspecified", "licence": licence or ("see origin" if note else "unspecified")}
 
 
-def export_style(run: Path, marker: dict, directory: str | Path, base_name: str = BASE3D_NAME,
-                 device: str | torch.device = "cpu") -> Path:
-    """Write the style as a delta over the base 3D generator (float16 safetensors + config.json) with, once stage 4
+def export_style(run: Path, marker: dict, directory: str | Path, device: str | torch.device = "cpu") -> Path:
+    """Write the style as a delta over the base 3D generator (the marker's `base3d`, registry name `base3d_name`;
+    float16 safetensors + config.json) with, once stage 4
     is done, the stylized encoder as its `encoder` part (a delta over the base encoder); evaluate the exported files
     on the held-out photos and write the model card (last, so a card means a complete export)."""
     agile = AgileConfig(**marker["config"])
     base = load_generator(marker["base3d"])
-    delta = make_style_delta(base, _load_weights(marker["base3d"], run / STYLED3D_FILE, "cpu"), base_name,
+    delta = make_style_delta(base, _load_weights(marker["base3d"], run / STYLED3D_FILE, "cpu"), marker["base3d_name"],
                              rank=agile.delta_rank)
     base_encoder = load_base_encoder(marker["base_encoder"])
     parts = {}
@@ -781,7 +781,8 @@ def start_run(run: Path, args: argparse.Namespace, names: list[str], photos: Pat
     marker = {"name": args.name, "config": dataclasses.asdict(RECIPES[args.recipe]), "completed": [],
               "exemplars_dir": str(args.exemplars), "exemplars": names, "aligned": args.aligned,
               "exemplar_source": exemplar_source(args.exemplars, args.exemplar_origin, args.exemplar_licence),
-              "base2d": str(args.base2d), "base3d": str(args.base3d), "base_encoder": reference,
+              "base2d": str(args.base2d), "base3d": str(args.base3d), "base3d_name": args.base3d_name,
+              "base_encoder": reference,
               "photos": str(photos), "data": str(args.data)}
     _write_marker(run, marker)
     return marker
@@ -852,7 +853,7 @@ def run_study(args: argparse.Namespace, parser: argparse.ArgumentParser, deadlin
                 run_stages(run, marker, stages, deadline, device, args.log_every)
             if "encoder" not in marker["completed"]:  # deadline, or --stop-after an earlier stage
                 break
-            export_style(run, marker, style, args.base3d_name, device)
+            export_style(run, marker, style, device)
         if count != counts[-1]:  # the study keeps only the exported deltas of the smaller counts
             for name in (STYLED3D_FILE, STYLED_ENCODER_FILE):
                 (run / name).unlink(missing_ok=True)
@@ -902,7 +903,8 @@ def main(argv: list[str] | None = None) -> int:
                         " and held-out photos of the evaluation are copied from it when a run starts")
     parser.add_argument("--base2d", default="weights/stylegan2_faces128", help="bundled 2D StyleGAN2 folder")
     parser.add_argument("--base3d", default="weights/head3d_faces128", help="bundled 3D generator folder")
-    parser.add_argument("--base3d-name", default=BASE3D_NAME, help="registry name of --base3d (stored in the delta)")
+    parser.add_argument("--base3d-name", default=BASE3D_NAME,
+                        help="registry name of --base3d (recorded when a run starts; the exported delta names it)")
     parser.add_argument("--base-encoder", help="base 3D encoder export that stage 4 starts from (default: the"
                                                f" registry's {BASE_ENCODER_NAME} when here, else a fresh encoder)")
     parser.add_argument("--base-encoder-name", default=BASE_ENCODER_NAME,
@@ -952,7 +954,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.export:
         if "transfer" not in marker["completed"]:
             parser.error("--export needs the finished 'transfer' stage")
-        path = export_style(run, marker, args.export, args.base3d_name, device)
+        path = export_style(run, marker, args.export, device)
         print(f"exported style {marker['name']!r} to {path}", flush=True)
     return 0
 
