@@ -118,7 +118,7 @@ def create_tab(runtime: Runtime) -> None:
                     gr.Markdown(PHOTO_NOT_READY.format(name=bundled))
                 photo = photo_input("Face photo")
                 example_photos(photo)
-                refine_steps = gr.Slider(0, 50, value=0, step=1, label="Refinement steps (slower, closer)")
+                refine_steps = gr.Slider(0, 50, value=10, step=1, label="Refinement steps (slower, closer)")
             style = gr.Dropdown(_style_choices(registry, default), value=ready[min(1, len(ready) - 1)], label="Style",
                                 allow_custom_value=True)  # choices follow the generator; checked in `stylize`
             no_styles = gr.Markdown(NO_STYLES_NOTE, visible=len(ready) == 1)
