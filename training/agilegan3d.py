@@ -923,7 +923,7 @@ def main(argv: list[str] | None = None) -> int:
                                                   " folder is resumed without it)")
     parser.add_argument("--recipe", default="gpu", choices=sorted(RECIPES),
                         help="recipe of a new run: gpu (the default), cpu-preview (over the 32/64-px previews, about"
-                             " 40 min on one CPU core) or tiny (1-2 steps per stage, for tests)")
+                             " 1.5 h on one CPU core) or tiny (1-2 steps per stage, for tests)")
     parser.add_argument("--aligned", action="store_true", help="exemplars are aligned face crops already")
     parser.add_argument("--exemplar-origin", help="where the exemplars come from (model card)")
     parser.add_argument("--exemplar-licence", help="the exemplars' licence (model card)")
