@@ -190,8 +190,9 @@ def test_ld_distillation_trains_resumes_and_exports_a_delta(tmp_path):
     assert resumed.step_count == 3
 
     metrics = resumed.evaluate(seeds=range(2), yaws=(0,))
-    assert set(metrics) == {"identity_base_vs_stylized", "identity_between_people_stylized",
+    assert set(metrics) == {"heads", "style_strength", "identity_base_vs_stylized", "identity_between_people_stylized",
                             "identity_between_people_base"}
+    assert metrics["style_strength"] > 0
     export = resumed.export(tmp_path / "style", metrics=metrics)
     config_json = json.loads((export / "config.json").read_text())
     assert config_json["kind"] == "style_delta" and config_json["base"] == "head3d-faces128"
@@ -215,3 +216,27 @@ def test_objectives_give_different_gradients():
     assert ld.shape == sds.shape == grid.shape and not torch.allclose(ld, sds)
     with pytest.raises(ValueError):
         distillation_gradient(teacher, grid, None, t, noise, "vsd", 7.5)
+
+
+def test_cli_runs_over_a_named_base_and_resumes(tmp_path):
+    """The command line: a run over a base registered under another name than the default exports a delta that
+    names that base, with the style strength in its metrics (no identity network: strength only)."""
+    from tests.tiny_weights import TINY_HEAD3D
+    from training.stylize_head3d import main as stylize_main
+    from training.train_head3d import Head3DTrainer
+
+    Head3DTrainer(TINY_HEAD3D, None).export(tmp_path / "base", None)
+    teacher = DiffusionTeacher(TINY_TEACHER)
+    for parameter in teacher.parameters():
+        parameter.data.normal_(0, 0.2)
+    save_teacher(teacher, tmp_path / "teacher")
+    arguments = ["--run", str(tmp_path / "run"), "--identity", "", "--steps", "1", "--minutes", "1", "--reserve-s", "0",
+                 "--device", "cpu"]
+    stylize_main([*arguments, "--base", str(tmp_path / "base"), "--base-name", "head3d-faces64",
+                  "--teacher", str(tmp_path / "teacher"), "--lr", "1e-2"])
+    # resumed from the run's stored config:
+    stylize_main([*arguments, "--export", str(tmp_path / "style"), "--eval-seeds", "2"])
+    config_json = json.loads((tmp_path / "style" / "config.json").read_text())
+    assert config_json["base"] == "head3d-faces64" and config_json["steps"] == 2
+    assert set(config_json["metrics"]) == {"heads", "style_strength"} and config_json["metrics"]["heads"] == 2
+    assert config_json["metrics"]["style_strength"] > 0

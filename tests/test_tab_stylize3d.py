@@ -19,7 +19,7 @@ from core.face import detect_faces
 
 from core.mesh import read_glb_asset_extras
 from core.official import PANOHEAD
-from core.pipelines.head3d import ENCODER_NAME, preferred_model
+from core.pipelines.head3d import ENCODER_NAME, available_styles, preferred_model
 from core.provenance import read_png_provenance
 from core.runtime import Runtime
 from tabs import stylize3d
@@ -145,7 +145,7 @@ def test_the_cpu_preview_generator_is_used_and_named_when_it_is_the_only_one(tmp
 
 
 def test_bundled_head_turns_with_the_yaw_and_its_glb_bulges_toward_the_viewer(app_client):
-    """The launched app on its bundled weights ('original' style: no bundled style yet): the views at yaw -30, 0
+    """The launched app on its bundled weights ('original' style): the views at yaw -30, 0
     and +30 are different images, the frontal one of a face; the GLB (+Y up, the head looking along +Z as in the
     generator's world frame) is a surface of the head, not the density fog that fills the rendering box, and its
     largest piece bulges toward the viewer: its front (largest z) across the middle is ahead of its two sides."""
@@ -181,3 +181,26 @@ def test_bundled_photo_input_renders_the_photos_head(app_client):
     *_, refined_info = app_client.predict("photo", 0, handle_file(EXAMPLE_PHOTOS[2]), 10, "original", 1, 0, 0,
                                           api_name="/stylize_head")
     assert similarity(refined_info) > similarity(info) + 0.01, (info, refined_info)
+
+
+def test_bundled_styles_restyle_the_head_and_report_identity_per_view(app_client):
+    """Every bundled style of the preview generator (at least two) visibly changes all three views of a seed's head,
+    gives a GLB, and fills the table with one identity similarity per view; different styles give different heads."""
+    registry = W.default_registry()
+    styles = available_styles(registry, preferred_model(registry), method="stylize3d")
+    assert len(styles) >= 2, styles
+    stylized_views = {}
+    for style in styles:
+        original, stylized, glb, table, info = app_client.predict("seed", 3, None, 0, style, 3, 30, 0,
+                                                                  api_name="/stylize_head")
+        before = np.stack([np.asarray(Image.open(item["image"]).convert("RGB"), np.float32) for item in original])
+        after = np.stack([np.asarray(Image.open(item["image"]).convert("RGB"), np.float32) for item in stylized])
+        change = np.abs(after - before).mean(axis=(1, 2, 3))
+        assert (change > 10).all(), f"{style}: mean |change| per view {np.round(change, 1)}"
+        similarities = [row[1] for row in table["data"]]
+        assert len(similarities) == 3 and all(-1 <= float(value) <= 1 for value in similarities)
+        _check_glb(glb)
+        assert style in info
+        stylized_views[style] = after
+    first, second = styles[:2]
+    assert np.abs(stylized_views[first] - stylized_views[second]).mean() > 5

@@ -403,6 +403,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=defaults.batch)
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--channels", type=int, default=defaults.channels)
+    parser.add_argument("--resolution", type=int, default=defaults.resolution,
+                        help="image size of a new run (the distillation tiles 2x2 grids of this size)")
     parser.add_argument("--cond-channels", type=int, default=defaults.cond_channels, choices=(0, 1))
     parser.add_argument("--export", help="write the EMA teacher here at the end")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -414,7 +416,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.data is None:
             parser.error("--data is required to start a run")
         config = dataclasses.replace(defaults, style=args.style, batch=args.batch, lr=args.lr, channels=args.channels,
-                                     cond_channels=args.cond_channels, data=str(args.data))
+                                     resolution=args.resolution, cond_channels=args.cond_channels,
+                                     data=str(args.data))
     else:
         print(f"resuming {run_dir}; its stored config is used", flush=True)
     deadline = Deadline(max(args.minutes * 60, args.reserve_s + 1), args.reserve_s)

@@ -263,18 +263,20 @@ class StylizeTrainer:
 
     @torch.no_grad()
     def evaluate(self, seeds=range(8), yaws=EVAL_YAWS) -> dict[str, float]:
-        """Identity cosines: base vs stylized render of each (seed, yaw) (high = identity kept), and between the
-        frontal renders of different seeds, stylized and base (low = no mode collapse)."""
-        if self.identity is None:
-            return {}
+        """Style strength (mean absolute change of the renders, in [0, 1]) and identity cosines: base vs stylized
+        render of each (seed, yaw) (high = identity kept), and between the frontal renders of different seeds,
+        stylized and base (low = no mode collapse). Without an identity network only the strength."""
         z = torch.stack([torch.randn([self.frozen.z_dim], generator=torch.Generator().manual_seed(1000 + s))
                          for s in seeds]).to(self.device)
         ws = self.latents(z).repeat_interleave(len(yaws), 0)
         yaw_list = torch.tensor(yaws, dtype=torch.float32).repeat(len(seeds))
         pitches = torch.zeros_like(yaw_list)
-        embeddings = [self.identity.embed_aligned(render_views(g.eval(), ws, yaw_list, pitches)["image"])
-                      for g in (self.frozen, self.tuned)]
+        images = [render_views(g.eval(), ws, yaw_list, pitches)["image"].clamp(-1, 1) for g in (self.frozen, self.tuned)]
         self.tuned.train()
+        strength = {"heads": len(seeds), "style_strength": round(float((images[1] - images[0]).abs().mean() / 2), 4)}
+        if self.identity is None:
+            return strength
+        embeddings = [self.identity.embed_aligned(image) for image in images]
         frontal = yaws.index(0) if 0 in yaws else 0
 
         def between_people(embedding):
@@ -283,7 +285,7 @@ class StylizeTrainer:
             off_diagonal = ~torch.eye(len(seeds), dtype=torch.bool, device=similarity.device)
             return float(similarity[off_diagonal].mean())
 
-        return {"identity_base_vs_stylized": float((embeddings[0] * embeddings[1]).sum(-1).mean()),
+        return {**strength, "identity_base_vs_stylized": float((embeddings[0] * embeddings[1]).sum(-1).mean()),
                 "identity_between_people_stylized": between_people(embeddings[1]),
                 "identity_between_people_base": between_people(embeddings[0])}
 
@@ -319,7 +321,7 @@ def _model_card(trainer: StylizeTrainer, delta, record: dict | None, metrics: di
         f"* **Delta:** rank {cfg.delta_rank}, {len(delta.tensors())} tensors, {stored / 1e3:.0f} k values"
         f" ({stored * 2 / 2**10:.0f} KiB in float16).",
         f"* **Last training log line:** `{json.dumps(record) if record else 'n/a'}`",
-        f"* **Evaluation** (identity cosines, seeds 1000-1007, yaws {list(EVAL_YAWS)}):"
+        f"* **Evaluation** (style strength and identity cosines, `heads` seeds from 1000, yaws {list(EVAL_YAWS)}):"
         f" `{json.dumps(metrics) if metrics else 'not measured'}`",
         "* Licence: non-commercial research (the base and the teacher's data are non-commercial).",
         "",
@@ -364,6 +366,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", required=True, help="run folder (checkpoint, log, samples); resumed")
     parser.add_argument("--base", help="base generator folder (core.nets.load_generator)")
+    parser.add_argument("--base-name", default=defaults.base_name,
+                        help="registry name of the base, which the exported delta names")
     parser.add_argument("--teacher", help="teacher folder (training.diffusion_teacher export)")
     parser.add_argument("--style", default=defaults.style)
     parser.add_argument("--objective", default=defaults.objective, choices=("ld", "sds"))
@@ -378,6 +382,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--delta-rank", type=int, default=defaults.delta_rank)
     parser.add_argument("--export", help="write the style delta + model card here at the end")
     parser.add_argument("--no-eval", action="store_true", help="skip the identity metrics of the export")
+    parser.add_argument("--eval-seeds", type=int, default=8, help="heads (seeds 1000, 1001, ...) of the export's metrics")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
 
@@ -387,7 +392,7 @@ def main(argv: list[str] | None = None) -> None:
         if not (args.base and args.teacher):
             parser.error("--base and --teacher are required to start a run")
         config = dataclasses.replace(defaults, style=args.style, objective=args.objective, base=args.base,
-                                     teacher=args.teacher, batch=args.batch, delta_rank=args.delta_rank,
+                                     base_name=args.base_name, teacher=args.teacher, batch=args.batch, delta_rank=args.delta_rank,
                                      **{k: getattr(args, k) for k in ("lr", "guidance", "t_min", "t_max",
                                                                       "identity_weight", "mask_weight",
                                                                       "mirror_weight")})
@@ -404,7 +409,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.export:
         if record is None:
             record = last_log_record(run_dir)
-        metrics = {} if args.no_eval else trainer.evaluate()
+        metrics = {} if args.no_eval else trainer.evaluate(seeds=range(args.eval_seeds))
         trainer.export(args.export, record, metrics)
         print(f"exported the {config.style} delta to {args.export}: {json.dumps(metrics)}", flush=True)
 
