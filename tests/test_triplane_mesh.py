@@ -242,3 +242,74 @@ def test_pipeline_mesh_matches_brute_force_on_a_tiny_random_generator(level_quan
         np.testing.assert_array_equal(mine[1], expected[1])
         np.testing.assert_allclose(mine[0], expected[0], atol=1e-4, rtol=0)
         np.testing.assert_allclose(mine[2], expected[2], atol=1e-3, rtol=0)
+
+
+def _frontal_square(count: int = 9, half: float = 0.1):
+    """Vertices of a square in the z = 0 plane facing the frontal camera (+z), their normals and that camera."""
+    from core.nets.camera import camera_label
+
+    axis = np.linspace(-half, half, count)
+    vertices = np.stack(np.meshgrid(axis, axis, [0.0], indexing="ij"), -1).reshape(-1, 3).astype(np.float32)
+    normals = np.tile(np.array([[0.0, 0.0, 1.0]], np.float32), (len(vertices), 1))
+    return vertices, normals, camera_label(0, 0, radius=2.7)
+
+
+def test_colors_from_views_take_the_image_where_the_surface_is_seen():
+    """A square facing the frontal camera over an image whose left half is red and right half blue: world +x shows
+    on the image's right (+y up shows at the top, rows counted from the top), so each vertex takes its side's
+    colour; a surface rendered in front of the square (smaller depth) hides it, and a vertex outside the image or
+    behind the camera keeps the fallback."""
+    from core.nets.shape import colors_from_views
+
+    vertices, normals, camera = _frontal_square()
+    image = np.zeros((1, 32, 32, 3), np.uint8)
+    image[:, :, :16, 0] = 255
+    image[:, :, 16:, 2] = 255
+    image[:, :8, :, 1] = 255  # a green band along the top rows
+    fallback = np.full((len(vertices), 3), 0.5, np.float32)
+    far = np.full((1, 16, 16), 5.0, np.float32)
+    colours = colors_from_views(vertices, normals, camera, image, far, fallback)
+    left, right = vertices[:, 0] < -0.01, vertices[:, 0] > 0.01
+    assert (colours[left, 0] > 0.9).all() and (colours[left, 2] < 0.1).all()
+    assert (colours[right, 2] > 0.9).all() and (colours[right, 0] < 0.1).all()
+    assert (colours[vertices[:, 1] > 0.09, 1] < 0.1).all()  # the top of the square is not at the image's top
+    np.testing.assert_array_equal(colours, colors_from_views(vertices, -normals, camera, image, far, fallback))
+
+    near = np.full((1, 16, 16), 2.0, np.float32)  # something 0.7 in front of the square
+    np.testing.assert_array_equal(colors_from_views(vertices, normals, camera, image, near, fallback), fallback)
+    outside = np.array([[3.0, 0.0, 0.0], [0.0, 0.0, 3.5]], np.float32)  # far to the side; behind the camera
+    kept = colors_from_views(outside, normals[:2], camera, image, far, fallback[:2])
+    np.testing.assert_array_equal(kept, fallback[:2])
+
+
+def test_pipeline_glb_colours_come_from_the_given_views():
+    """`Head3DPipeline.extract_mesh` with views: the surface seen by a frontal view of a plain green image turns
+    green; without views the colours are the generator's features (none green)."""
+    from core.nets.camera import camera_label
+    from core.pipelines.head3d import Head3DPipeline, RenderedViews
+    from core.runtime import Runtime
+    from training.train_head3d import Head3DConfig, build_head_generator
+
+    torch.manual_seed(1)
+    generator = build_head_generator(Head3DConfig(z_dim=16, mapping_layers=1, channel_base=256, channel_max=16,
+                                                  triplane_size=16, neural_rendering_resolution=16, depth_samples=4,
+                                                  importance_samples=4))
+    with torch.no_grad():
+        generator.decoder.net[-1].bias[0] += 20  # a dense field: a surface at the official level
+    pipeline = Head3DPipeline(generator, Runtime("cpu"), model_name="tiny-random")
+    ws = pipeline.latent(0)
+    green = np.zeros((1, 32, 32, 3), np.uint8)
+    green[..., 1] = 255
+    views = RenderedViews(camera_label(0, 0, radius=pipeline.camera_radius, lookat=pipeline.camera_pivot), green,
+                          np.full((1, 16, 16), 100.0, np.float32))
+    with torch.no_grad():
+        vertices, _, plain = pipeline.extract_mesh(ws, 32)
+        _, _, painted = pipeline.extract_mesh(ws, 32, views=views)
+
+    def is_green(colours):
+        return (colours[:, 1] > 0.99) & (colours[:, 0] < 0.01) & (colours[:, 2] < 0.01)
+
+    assert not is_green(plain).any()
+    assert 0.1 < is_green(painted).mean() < 0.9  # the front is painted, the back keeps its features
+    front = (vertices[:, 2] > np.quantile(vertices[:, 2], 0.9)) & (np.abs(vertices[:, :2]) < 0.2).all(1)
+    assert front.sum() > 10 and is_green(painted)[front].mean() > 0.9  # the middle of the front is in the image

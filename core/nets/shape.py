@@ -84,6 +84,43 @@ def vertex_colors(generator, planes: torch.Tensor, ws: torch.Tensor, vertices: n
 
 
 @torch.no_grad()
+def colors_from_views(vertices: np.ndarray, normals: np.ndarray, cameras: torch.Tensor, images: np.ndarray,
+                      depths: np.ndarray, fallback: np.ndarray, depth_tolerance: float = 0.03,
+                      min_weight: float = 0.05) -> np.ndarray:
+    """[V, 3] RGB in [0, 1] at the vertices, taken from rendered views: each vertex is projected into every view
+    (camera labels [N, 25], uint8 images [N, S, S, 3], ray depths [N, R, R] in world units) and its colours are
+    averaged with weight cos^2 between its normal (either sign) and the direction to the camera, over the views
+    where its distance to the camera is within `depth_tolerance` of the rendered depth (not hidden). Vertices with
+    a total weight below `min_weight` keep `fallback` [V, 3]. The final images carry what the super-resolution adds
+    (a style, detail), which the colour features at the surface do not."""
+    cameras = cameras.detach().float().cpu()
+    points = torch.from_numpy(np.asarray(vertices, np.float32))
+    unit_normals = torch.nn.functional.normalize(torch.from_numpy(np.asarray(normals, np.float32)), dim=-1)
+    cam2world, intrinsics = cameras[:, :16].reshape(-1, 4, 4), cameras[:, 16:25].reshape(-1, 3, 3)
+    relative = points[None] - cam2world[:, None, :3, 3]  # [N, V, 3], camera -> vertex
+    in_camera = relative @ cam2world[:, :3, :3]  # rows times R = R^T applied to each vector (OpenCV camera axes)
+    z = in_camera[..., 2].clamp_min(1e-6)
+    u = intrinsics[:, None, 0, 0] * in_camera[..., 0] / z + intrinsics[:, None, 0, 2]
+    v = intrinsics[:, None, 1, 1] * in_camera[..., 1] / z + intrinsics[:, None, 1, 2]
+    grid = torch.stack([u * 2 - 1, v * 2 - 1], dim=-1)[:, :, None]  # [N, V, 1, 2], align_corners=False
+    pixels = torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).float() / 255
+    colours = torch.nn.functional.grid_sample(pixels, grid, mode="bilinear", align_corners=False)[..., 0]  # [N, 3, V]
+    depth = torch.nn.functional.grid_sample(torch.from_numpy(np.asarray(depths, np.float32))[:, None], grid,
+                                            mode="nearest", align_corners=False)[:, 0, :, 0]  # [N, V]
+    distance = relative.norm(dim=-1)
+    inside = (in_camera[..., 2] > 1e-6) & (u >= 0) & (u <= 1) & (v >= 0) & (v <= 1)
+    visible = inside & (distance <= depth + depth_tolerance)
+    cosine = (unit_normals[None] * -relative / distance.clamp_min(1e-9)[..., None]).sum(-1).abs()
+    weight = visible.float() * cosine ** 2  # [N, V]
+    total = weight.sum(0)
+    blended = (colours * weight[:, None]).sum(0) / total.clamp_min(1e-9)  # [3, V]
+    result = np.array(fallback, dtype=np.float32, copy=True)
+    seen = (total >= min_weight).numpy()
+    result[seen] = blended.t().clamp(0, 1).numpy()[seen]
+    return result
+
+
+@torch.no_grad()
 def extract_mesh(generator, ws: torch.Tensor, resolution: int = 128, level: float = OFFICIAL_LEVEL,
                  noise_mode: str = "const", chunk_size: int = DEFAULT_CHUNK):
     """(vertices [V, 3] world, faces [F, 3], colours [V, 3] in [0, 1]) of the generator's shape for ws[:1]."""

@@ -4,7 +4,9 @@ A latent comes from a seed (z = `np.random.RandomState(seed).randn(1, z_dim)`, t
 the frontal conditioning camera and truncation psi) or is given as ws (e.g. from a photo inversion). The planes are
 generated once and rendered deterministically from an orbit grid of (yaw, pitch) cameras and a turntable of yaws;
 the head's mesh is the density lattice's level set (`core.nets.shape`), coloured by the renderer's features at the
-surface and written as a GLB within the face budget with provenance. Every stage is timed.
+surface and written as a GLB within the face budget with provenance. `stylize` colours the GLB from its stylized
+views where they see the surface (`core.nets.shape.colors_from_views`): a style acts mostly through the
+super-resolution, which the features at the surface do not show. Every stage is timed.
 
 Photo path (3D GAN inversion): `core.face.prepare_face` aligns the largest face and estimates its pose; the pose
 gives the input camera, the `Head3DEncoder` maps the crop and camera to ws, optionally refined by a few Adam steps
@@ -36,7 +38,8 @@ from core.mesh import DEFAULT_FACE_BUDGET, export_glb, sparse_density_lattice
 from core.nets import GENERATOR_KINDS, generator_from_config
 from core.nets.camera import EG3D_CAMERA_RADIUS, EG3D_LOOKAT, PANOHEAD_LOOKAT, camera_label
 from core.nets.encoders import build_head3d_encoder
-from core.nets.shape import OFFICIAL_LEVEL, border_width, lattice_axis, mesh_from_lattice, vertex_colors
+from core.nets.shape import (OFFICIAL_LEVEL, border_width, colors_from_views, lattice_axis, mesh_from_lattice,
+                             vertex_colors)
 from core.provenance import Provenance
 from core.runtime import Runtime
 from core.weights import Registry, WeightsError
@@ -60,6 +63,7 @@ TURNTABLE_MAX_YAW = 60.0
 RENDER_BATCH = 1
 RENDER_BATCH_CUDA = 8  # as before on GPUs (not measured here)
 MESH_COARSE_STEP = 4  # the density lattice's coarse pass (`core.mesh.sparse_density_lattice`)
+VIEW_DEPTH_TOLERANCE = 0.03  # of the box: how far behind the rendered depth a vertex still counts as seen
 MESH_CHUNK = 2**18
 
 
@@ -97,6 +101,16 @@ class Head3DResult:
     provenance: Provenance
     warnings: list[str] = field(default_factory=list)
     inversion: PhotoInversion | None = None
+
+
+@dataclass
+class RenderedViews:
+    """Renders of one head that colour its GLB: camera labels [N, 25], uint8 images [N, S, S, 3], ray depths
+    [N, R, R]."""
+
+    cameras: torch.Tensor
+    images: np.ndarray
+    depths: np.ndarray
 
 
 @dataclass
@@ -276,20 +290,22 @@ class Head3DPipeline:
         return self.generator.mapping(z.to(self.runtime.device), self.camera(0, 0), truncation_psi=truncation_psi)
 
     def render_views(self, ws: torch.Tensor, views: list[tuple[float, float]],
-                     max_ray_resolution: int | None = None) -> np.ndarray:
+                     max_ray_resolution: int | None = None, with_depth: bool = False):
         """uint8 images [len(views), S, S, 3] of ws[:1] from (yaw, pitch) views (planes generated once); rays at
-        most `max_ray_resolution` px (default: the generator's neural rendering resolution; S stays the same)."""
+        most `max_ray_resolution` px (default: the generator's neural rendering resolution; S stays the same).
+        `with_depth`: (images, float32 ray depths [len(views), R, R] at the ray resolution R)."""
         ray_resolution = self.generator.neural_rendering_resolution
         if max_ray_resolution:
             ray_resolution = min(ray_resolution, int(max_ray_resolution))
         if not views:
             size = self.generator.img_resolution
-            return np.zeros((0, size, size, 3), np.uint8)
+            empty = np.zeros((0, size, size, 3), np.uint8)
+            return (empty, np.zeros((0, ray_resolution, ray_resolution), np.float32)) if with_depth else empty
         with torch.inference_mode():  # uint8 images out: no autograd bookkeeping
             # planes [1] and ws [1] serve every camera of a batch (`TriPlaneGenerator.render_planes`): generated
             # once for all the views
             planes = self.generator.generate_planes(ws[:1], noise_mode="const")
-            images = []
+            images, depths = [], []
             batch = RENDER_BATCH_CUDA if self.runtime.device.type == "cuda" else RENDER_BATCH
             for start in range(0, len(views), batch):
                 chunk = views[start:start + batch]
@@ -297,6 +313,9 @@ class Head3DPipeline:
                 out = self.generator.render_planes(planes, ws[:1], cameras, ray_resolution, deterministic=True,
                                                    noise_mode="const")
                 images.append(_to_uint8(out["image"]))
+                depths.append(out["image_depth"][:, 0].float().cpu().numpy())
+        if with_depth:
+            return np.concatenate(images), np.concatenate(depths)
         return np.concatenate(images)
 
     def identity_similarity(self, images_a: np.ndarray, images_b: np.ndarray) -> list[float]:
@@ -374,26 +393,35 @@ class Head3DPipeline:
 
     @torch.inference_mode()
     def extract_mesh(self, ws: torch.Tensor, resolution: int = 128, level: float = OFFICIAL_LEVEL,
-                     coarse_step: int = MESH_COARSE_STEP) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                     coarse_step: int = MESH_COARSE_STEP, views: RenderedViews | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """`core.nets.shape.extract_mesh` (vertices, faces, colours) computing less: the lattice's border, which
         the official procedure overwrites, is not evaluated, the rest only where the surface can be
-        (`core.mesh.sparse_density_lattice` with `coarse_step`; 1: every interior point), density alone."""
+        (`core.mesh.sparse_density_lattice` with `coarse_step`; 1: every interior point), density alone.
+        With rendered `views` of ws[:1], the colours come from those images where they see the surface
+        (`core.nets.shape.colors_from_views`), elsewhere from the colour features."""
         box_warp = self.generator.rendering_kwargs["box_warp"]
         planes = self.generator.generate_planes(ws[:1], noise_mode="const")
         pad = border_width(resolution)
         sigma = sparse_density_lattice(self.density(planes), lattice_axis(resolution, box_warp).numpy(), level,
                                        pad=pad, fill=-1000.0, coarse_step=coarse_step)
         vertices, faces = mesh_from_lattice(sigma, box_warp, level, pad)
-        return vertices, faces, vertex_colors(self.generator, planes, ws, vertices)
+        colours = vertex_colors(self.generator, planes, ws, vertices)
+        if views is not None:
+            normals = trimesh.Trimesh(vertices=vertices, faces=faces, process=False).vertex_normals
+            colours = colors_from_views(vertices, normals, views.cameras, views.images, views.depths, colours,
+                                        depth_tolerance=VIEW_DEPTH_TOLERANCE * box_warp)
+        return vertices, faces, colours
 
     def mesh(self, ws: torch.Tensor, path: Path, provenance: Provenance, resolution: int = 128,
              level: float = OFFICIAL_LEVEL, face_budget: int = DEFAULT_FACE_BUDGET,
-             coarse_step: int = MESH_COARSE_STEP) -> tuple[Path | None, int | None, list[str]]:
+             coarse_step: int = MESH_COARSE_STEP, views: RenderedViews | None = None
+             ) -> tuple[Path | None, int | None, list[str]]:
         """(GLB path, face count, warnings) of the level surface of ws[:1], written to `path`; (None, None,
-        [warning]) when there is no surface at `level`. `coarse_step`: see `extract_mesh`."""
+        [warning]) when there is no surface at `level`. `coarse_step`, `views`: see `extract_mesh`."""
         try:
             vertices, faces, colors = self.runtime.run(
-                lambda dtype: self.extract_mesh(ws, resolution, level, coarse_step), fp16_safe=False,
+                lambda dtype: self.extract_mesh(ws, resolution, level, coarse_step, views), fp16_safe=False,
                 what="The 3D head generator")
         except ValueError:  # marching cubes finds no surface at this level
             return None, None, [f"No surface at density level {level}; no mesh was written."]
@@ -500,9 +528,14 @@ class Head3DPipeline:
             timings[f"{name}_s"] = round(time.perf_counter() - start, 3)
             return value
 
-        original = timed("original_views", lambda: self.render_views(ws, list(views), max_ray_resolution))
-        stylized = (timed("stylized_views", lambda: styled.render_views(ws, list(views), max_ray_resolution))
-                    if style else original)
+        original, depths = timed("original_views", lambda: self.render_views(ws, list(views), max_ray_resolution,
+                                                                             with_depth=True))
+        if style:
+            stylized, depths = timed("stylized_views", lambda: styled.render_views(ws, list(views),
+                                                                                   max_ray_resolution,
+                                                                                   with_depth=True))
+        else:
+            stylized = original
         start = time.perf_counter()
         similarity = self.identity_similarity(original, stylized)
         timings["identity_s"] = round(time.perf_counter() - start, 3)
@@ -511,8 +544,10 @@ class Head3DPipeline:
         if mesh:
             start = time.perf_counter()
             directory = Path(output_dir or tempfile.mkdtemp(prefix="stylize3d_"))
+            shown = RenderedViews(torch.cat([self.camera(yaw, pitch) for yaw, pitch in views]), stylized, depths)
             glb_path, mesh_faces, mesh_warnings = styled.mesh(ws, directory / f"{style or 'original'}.glb",
-                                                              provenance, mesh_resolution, mesh_level, face_budget)
+                                                              provenance, mesh_resolution, mesh_level, face_budget,
+                                                              views=shown)
             warnings += mesh_warnings
             timings["mesh_s"] = round(time.perf_counter() - start, 3)
         timings["total_s"] = round(time.perf_counter() - started, 3)
