@@ -79,7 +79,14 @@ def _style_choices(registry: Registry, generator: str) -> list[tuple[str, str]]:
     """(label, value) pairs: the ready styles, then the official stylized generators that need a download."""
     official = {variant.name: variant.title for variant in stylized_variants(generator)}
     ready = _ready_styles(registry, generator)
-    return ([(official.get(name, name), name) for name in ready]
+
+    def label(name: str) -> str:  # a bundled style delta: "toon (head3d-style-toon-faces64)"
+        if name in official or name == ORIGINAL:
+            return official.get(name, name)
+        style = registry.load_config(name).get("style")
+        return f"{style} ({name})" if style else name
+
+    return ([(label(name), name) for name in ready]
             + [(title + NEEDS_DOWNLOAD, name) for name, title in official.items() if name not in ready])
 
 

@@ -204,3 +204,10 @@ def test_bundled_styles_restyle_the_head_and_report_identity_per_view(app_client
         stylized_views[style] = after
     first, second = styles[:2]
     assert np.abs(stylized_views[first] - stylized_views[second]).mean() > 5
+
+
+def test_bundled_styles_are_labelled_by_their_style_name():
+    registry = W.default_registry()
+    choices = dict((value, label) for label, value in stylize3d._style_choices(registry, preferred_model(registry)))
+    assert choices["original"] == "original"
+    assert choices["head3d-style-toon-faces64"] == "toon (head3d-style-toon-faces64)"
