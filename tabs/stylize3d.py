@@ -30,6 +30,16 @@ INTRO = (
     "head stylization, Bilecen et al., ICCV 2025). The table compares the identity of the original and the "
     "stylized head per view."
 )
+STYLES_HELP = (
+    "Each bundled style is a small change of the 3D head generator (a low-rank delta of its synthesis and "
+    "super-resolution layers, about 0.3 MiB), trained with the paper's recipe: likelihood distillation of a 2D "
+    "diffusion teacher's style direction into 2x2 grids of renders from different yaws, with mirrored gradients, "
+    "score rank weighing, and identity and silhouette references from a frozen copy of the generator. The paper "
+    "distils Stable Diffusion with ControlNet; here each teacher is a small diffusion model of our own, trained on "
+    "the face dataset and the same faces through a bronze, pencil-sketch or cartoon filter. The GLB takes its "
+    "colours from the stylized views. Measurements and recipe: each style's model card "
+    "(`weights/head3d_style_*/README.md`); training commands: `training/README.md`."
+)
 NO_STYLES_NOTE = ("**Note:** no style is available for this generator yet, so only **original** runs "
                   "(the 'stylized' side shows the original head).")
 BUNDLED_MISSING = ("**The bundled 3D head generator is not trained yet.** `training/README.md` ('3D head generator') "
@@ -129,6 +139,8 @@ def create_tab(runtime: Runtime) -> None:
             style = gr.Dropdown(_style_choices(registry, default), value=ready[min(1, len(ready) - 1)], label="Style",
                                 allow_custom_value=True)  # choices follow the generator; checked in `stylize`
             no_styles = gr.Markdown(NO_STYLES_NOTE, visible=len(ready) == 1)
+            with gr.Accordion("How the styles were made", open=False):
+                gr.Markdown(STYLES_HELP)
             instructions = gr.Markdown(visible=False)
             with gr.Group():
                 views = gr.Slider(1, 9, value=_default_views(default), step=1, label="Number of views")
