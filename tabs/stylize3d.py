@@ -24,6 +24,8 @@ NOT_TRAINED = " (not trained yet)"
 FAST_RAYS = 64  # px: the "fast" neural rendering resolution (PanoHead's released model renders rays at 128 px)
 DEFAULT_VIEWS = 5
 DEFAULT_VIEWS_PANOHEAD = 3  # 512-px renders are slow on a CPU
+DEFAULT_TRUNCATION = 0.7  # Head3DPipeline.stylize's default
+TRUNCATION_RANGE = (0.3, 1.0)  # the slider's; Gradio refuses values outside it
 INTRO = (
     "A 3D head from the bundled PanoHead-style generator (from a seed, or inverted from a photo) or from the official "
     "PanoHead, rendered from several views by the original generator and by a stylized copy (identity-preserving 3D "
@@ -130,6 +132,8 @@ def create_tab(runtime: Runtime) -> None:
             with gr.Row():
                 seed = gr.Slider(0, MAX_SEED, value=0, step=1, label="Seed")
                 randomize = gr.Checkbox(value=False, label="Randomize seed")
+            truncation = gr.Slider(*TRUNCATION_RANGE, value=DEFAULT_TRUNCATION, step=0.05,
+                                   label="Truncation ψ (seeds: lower is more typical, higher more varied)")
             with gr.Accordion("Photo (bundled generator only)", open=False):
                 if not photo_ready:
                     gr.Markdown(PHOTO_NOT_READY.format(name=bundled))
@@ -175,7 +179,7 @@ def create_tab(runtime: Runtime) -> None:
     style.change(show_missing, [generator, style], [instructions, run], queue=False, api_visibility="private")
 
     def stylize(source_value, seed_value, photo_path, refine_value, style_value, view_count, yaw_value, pitch_value,
-                generator_value, fast_value):
+                generator_value, fast_value, truncation_value=DEFAULT_TRUNCATION):
         text = _missing(registry, generator_value, style_value)
         if text:
             raise gr.Error(text, print_exception=False)
@@ -189,17 +193,18 @@ def create_tab(runtime: Runtime) -> None:
                                "for it); use a seed with the official PanoHead.", print_exception=False)
             require_photo(photo_path)
         return stylize_on_gpu(source_value, seed_value, photo_path, refine_value, style_value, view_count, yaw_value,
-                              pitch_value, generator_value, fast_value)
+                              pitch_value, generator_value, fast_value, float(truncation_value))
 
     @gpu(duration=60)
     def stylize_on_gpu(source_value, seed_value, photo_path, refine_value, style_value, view_count, yaw_value,
-                       pitch_value, generator_value, fast_value):
+                       pitch_value, generator_value, fast_value, truncation_value):
         try:
             if generator_value == bundled:
                 pipeline = Head3DPipeline.from_pretrained(bundled, runtime)
             else:
                 pipeline = load_official(generator_value, runtime)
             result = pipeline.stylize(None if style_value == ORIGINAL else style_value, seed=int(seed_value),
+                                      truncation_psi=truncation_value,
                                       photo=photo_path if source_value == "photo" else None,
                                       refine_steps=int(refine_value), yaws=view_yaws(int(view_count), yaw_value),
                                       pitch=float(pitch_value), max_ray_resolution=FAST_RAYS if fast_value else None)
@@ -213,7 +218,8 @@ def create_tab(runtime: Runtime) -> None:
         rows = [[round(yaw, 1), value] for (yaw, _), value in zip(result.views, result.identity_similarity)]
         timing = ", ".join(f"{name[:-2]} {seconds:.2f} s" for name, seconds in result.timings.items())
         notes = [f"Style **{style_value}** on **{generator_value}**, "
-                 f"{'photo' if result.inversion else f'seed {int(seed_value)}'} on {runtime.device.type}: {timing}."]
+                 f"{'photo' if result.inversion else f'seed {int(seed_value)} (ψ {truncation_value:g})'} on "
+                 f"{runtime.device.type}: {timing}."]
         if result.inversion:
             notes.append(f"Photo pose: yaw {result.inversion.yaw:+.0f}°, pitch {result.inversion.pitch:+.0f}°; "
                          f"identity similarity input vs frontal render: {result.inversion.identity_similarity:.3f}.")
@@ -224,7 +230,7 @@ def create_tab(runtime: Runtime) -> None:
 
     run.click(randomize_seed, [seed, randomize], seed, queue=False, api_visibility="private").then(
         stylize,
-        [source, seed, photo, refine_steps, style, views, yaw_range, pitch, generator, fast],
+        [source, seed, photo, refine_steps, style, views, yaw_range, pitch, generator, fast, truncation],
         [original, stylized, mesh, similarity, info],
         api_name="stylize_head",
         concurrency_id="gpu",

@@ -92,6 +92,22 @@ def test_bad_input_gets_clear_messages(client):
         client.predict("photo", 0, None, 0, STYLE, 3, 30, 0, api_name="/stylize_head")
     with pytest.raises(Exception, match="(?i)choices"):
         client.predict("seed", 0, None, 0, "cartoon", 3, 30, 0, api_name="/stylize_head")
+    with pytest.raises(Exception, match="(?i)greater than maximum value 1"):  # the truncation slider's range
+        client.predict("seed", 0, None, 0, STYLE, 1, 0, 0, stylize3d.MODEL_NAME, True, 1.5, api_name="/stylize_head")
+
+
+def test_truncation_changes_a_seeds_head_and_is_reported(client):
+    """The same seed at psi 0.3 and 1.0 gives different heads; the default (argument left out) is 0.7."""
+    def frontal(*truncation):
+        original, _, _, _, info = client.predict("seed", 5, None, 0, "original", 1, 0, 0, stylize3d.MODEL_NAME, True,
+                                                 *truncation, api_name="/stylize_head")
+        return np.asarray(Image.open(original[0]["image"]).convert("RGB"), np.float32), info
+
+    typical, info = frontal(0.3)
+    varied, _ = frontal(1.0)
+    default, default_info = frontal()
+    assert np.abs(typical - varied).mean() > 1 and "ψ 0.3" in info and "ψ 0.7" in default_info
+    np.testing.assert_array_equal(default, frontal(0.7)[0])
 
 
 def test_official_panohead_is_listed_with_instructions_until_registered(client):

@@ -170,7 +170,7 @@ TAB_CHECKS = (
              galleries={"Generated (left: tax-free, right: over-constrained)": 2}, viewers=("3DMM mesh (GLB)",)),
     TabCheck("Region style editing", _act_l2s, "Edited hair",
              images=("Predicted region", "Autoencoder reconstruction"), galleries={"Edited": 4}),
-    TabCheck("3D head stylization", _act_stylize3d, "seed 0 on cpu",  # the bundled default style is 'original'
+    TabCheck("3D head stylization", _act_stylize3d, "seed 0 (ψ 0.7) on cpu",  # the default style: the first one here
              galleries={"Original": 5, "Stylized": 5}, viewers=("Stylized head (GLB)",),
              also_visible=("Original vs stylized",)),
     TabCheck("Beauty optimization", _act_beauty, "candidates scored in",
