@@ -179,7 +179,7 @@ def create_tab(runtime: Runtime) -> None:
     style.change(show_missing, [generator, style], [instructions, run], queue=False, api_visibility="private")
 
     def stylize(source_value, seed_value, photo_path, refine_value, style_value, view_count, yaw_value, pitch_value,
-                generator_value, fast_value, truncation_value=DEFAULT_TRUNCATION):
+                generator_value, fast_value, truncation_value):
         text = _missing(registry, generator_value, style_value)
         if text:
             raise gr.Error(text, print_exception=False)
