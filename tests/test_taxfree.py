@@ -221,6 +221,30 @@ def test_conditioning_labels_factorise_the_slider_groups_of_some_rows(archive, e
     assert not factorised.any() and torch.equal(c, trainer._labels(index, mirror))
 
 
+def test_discriminator_sees_only_its_groups_and_fakes_can_be_factorised(archive, estimator_dir):
+    groups = parameter_groups(NUM_IDENTITY)
+    trainer, _ = _trainer("taxfree", archive, estimator_dir, discriminator_groups="expression,rotation,lighting",
+                          adversarial_factorised_fraction=1.0)
+    images = torch.zeros([2, 3, SIZE, SIZE])
+    torch.manual_seed(0)
+    c = trainer._fake_labels()[:2]
+    changed = c.clone()
+    changed[:, groups["identity"]] += 5.0
+    changed[:, groups["translation"]] -= 5.0
+    assert torch.equal(trainer._discriminate(images, c), trainer._discriminate(images, changed))
+    changed[:, groups["rotation"]] += 5.0
+    assert not torch.equal(trainer._discriminate(images, c), trainer._discriminate(images, changed))
+    torch.manual_seed(0)
+    index, mirror = trainer._random_label_indices(trainer.config.batch)  # the draw _fake_labels starts with
+    torch.manual_seed(0)
+    factorised = trainer._fake_labels()
+    base = trainer._labels(index, mirror)
+    assert torch.equal(factorised[:, groups["identity"]], base[:, groups["identity"]])
+    assert not torch.equal(factorised[:, groups["expression"]], base[:, groups["expression"]])
+    with pytest.raises(ValueError, match="discriminator groups"):
+        _trainer("taxfree", archive, estimator_dir, discriminator_groups="rotation,hair")
+
+
 def test_render_targets_cover_the_face(archive):
     from training.train_stylegan2 import images_from_archive
 

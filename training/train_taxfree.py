@@ -25,7 +25,10 @@ regularisers (every `consistency_interval` steps, weighted by the interval). Its
 others held, so a generator trained on them read the pose from correlated groups (identity, light) and ignored the
 rotation entries: in the 32-px CPU pilot, changing only the yaw of a test label from -25 to +25 deg moved the
 landmark yaw of the image by a few degrees, while whole test labels were followed to 2.3 deg. The render loss
-(over-constrained) uses the unfactorised rows only, whose renders are precomputed. The run folder, resumption and the
+(over-constrained) uses the unfactorised rows only, whose renders are precomputed. Two options act on the adversarial
+step: `adversarial_factorised_fraction` factorises the fakes' labels the same way, and `discriminator_groups`
+restricts what D sees of c (for reals and fakes alike), e.g. to the slider groups, so that D cannot reward tying the
+whole image to a unique training label. The run folder, resumption and the
 compact checkpoint are the base trainer's; the recipe is part of the stored config.
 """
 
@@ -75,6 +78,8 @@ class TaxFreeConfig(TrainConfig):
     render_weight: float = 0.0
     render_resolution: int = 32
     factorised_fraction: float = 0.5
+    adversarial_factorised_fraction: float = 0.0  # the same factorisation for the adversarial fakes' labels
+    discriminator_groups: str = ALL_GROUPS  # the groups of c that D sees; the others are zeroed for reals and fakes
     label_key: str | None = "face3dmm"
 
     @classmethod
@@ -148,22 +153,43 @@ class TaxFreeTrainer(StyleGAN2Trainer):
             raise ValueError(f"unknown parameter groups {sorted(unknown)}; expected some of {ALL_GROUPS}")
         self.groups = {name: groups[name] for name in self.consistency_weights}
         self.slider_slices = [groups[name] for name in SLIDER_GROUPS]
+        unseen = set(config.discriminator_groups.split(",")) - set(groups)
+        if unseen:
+            raise ValueError(f"unknown discriminator groups {sorted(unseen)}; expected some of {ALL_GROUPS}")
+        self.discriminator_mask = torch.zeros([estimator.mean.numel()], device=self.device)
+        for name in config.discriminator_groups.split(","):
+            self.discriminator_mask[groups[name]] = 1
         if data is not None and config.render_weight > 0:
             if renders is None or renders.shape[0] != data.images.shape[0]:
                 raise ValueError("render_weight > 0 needs one render per training image")
             self.renders = renders.to(self.device)
 
+    def _factorise(self, c: torch.Tensor, fraction: float) -> torch.Tensor:
+        """Which rows of c (in place) get each slider group from another random training sample, in `fraction`."""
+        factorised = torch.rand([c.shape[0]], device=self.device) < fraction
+        for group in self.slider_slices:
+            other = self._labels(*self._random_label_indices(c.shape[0]))
+            c[:, group] = torch.where(factorised[:, None], other[:, group], c[:, group])
+        return factorised
+
     def _conditioning_labels(self, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """c drawn like `_fake_labels`, then factorised in a `factorised_fraction` of the rows (each slider group
-        from another random sample); with the base samples' indices and mirror flags, and which rows are
-        factorised."""
+        """c drawn like `_fake_labels`, then factorised in a `factorised_fraction` of the rows; with the base
+        samples' indices and mirror flags, and which rows are factorised."""
         index, mirror = self._random_label_indices(batch)
         c = self._labels(index, mirror)
-        factorised = torch.rand([batch], device=self.device) < self.config.factorised_fraction
-        for group in self.slider_slices:
-            other = self._labels(*self._random_label_indices(batch))
-            c[:, group] = torch.where(factorised[:, None], other[:, group], c[:, group])
+        factorised = self._factorise(c, self.config.factorised_fraction)
         return c, index, mirror, factorised
+
+    def _fake_labels(self) -> torch.Tensor:
+        """The base trainer's fake c, factorised in an `adversarial_factorised_fraction` of the rows."""
+        c = super()._fake_labels()
+        if self.config.adversarial_factorised_fraction > 0:
+            self._factorise(c, self.config.adversarial_factorised_fraction)
+        return c
+
+    def _discriminate(self, images: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """D on images with c restricted to `discriminator_groups` (the same for reals and fakes)."""
+        return super()._discriminate(images, c * self.discriminator_mask)
 
     def _conditioning_losses(self, batch: int) -> dict[str, torch.Tensor]:
         """Consistency (and render) losses of G(z, c) with c from `_conditioning_labels`."""
@@ -233,6 +259,9 @@ def _model_card(trainer: TaxFreeTrainer, log: dict | None) -> str:
         f"* **Objectives:** {recipe}; consistency weight {cfg.consistency_weight}, every {cfg.consistency_interval}"
         f" step(s), on labels whose slider groups ({', '.join(SLIDER_GROUPS)}) are drawn from independent samples"
         f" in {cfg.factorised_fraction:.0%} of the rows. F_R = `weights/face3dmm_estimator` (frozen).",
+        f"* **Discriminator:** conditioned on the groups {cfg.discriminator_groups.replace(',', ', ')} of c (the others"
+        f" zeroed); the adversarial fakes' slider groups come from independent samples in"
+        f" {cfg.adversarial_factorised_fraction:.0%} of the rows.",
         f"* **Data:** `{cfg.data}`, split `{cfg.split}`, x-flips with label flips {'on' if cfg.mirror else 'off'}."
         " Non-commercial research only (dataset licences).",
         f"* **Architecture:** z/w {cfg.z_dim}/{cfg.w_dim}, mapping {cfg.mapping_layers} layers, channel_base"
