@@ -8,7 +8,7 @@ from pathlib import Path
 import gradio as gr
 
 from core.face3dmm import EXPRESSION_NAMES
-from core.pipelines.taxfree import CURATED_EXPRESSIONS, VARIANTS, FaceControls, TaxFreePipeline
+from core.pipelines.taxfree import CURATED_EXPRESSIONS, VARIANTS, FaceControls, TaxFreePipeline, average_controls
 from core.runtime import Runtime, gpu
 from core.weights import WeightsError
 from tabs.common import (FaceInputError, MAX_SEED, example_photos, photo_input, preview_note, raise_user_error,
@@ -32,6 +32,9 @@ def create_tab(runtime: Runtime) -> None:
     note = preview_note(runtime.registry, {names[0]: runtime.registry.first_available(names) for names in VARIANTS.values()})
     if note:
         gr.Markdown(note)
+    # The sliders start at the training faces' average, which the generators know best (core.pipelines.taxfree).
+    average = average_controls(runtime.registry.load_config(runtime.registry.first_available(VARIANTS["tax-free"]))
+                               ["conditioning"])
     identity = gr.State(None)  # identity coefficients copied from a photo, or None
     with gr.Row():
         with gr.Column():
@@ -44,14 +47,21 @@ def create_tab(runtime: Runtime) -> None:
                 yaw = gr.Slider(-40, 40, value=0, step=1, label="Yaw (°, + turns the nose to the image's right)")
                 pitch = gr.Slider(-25, 25, value=0, step=1, label="Pitch (°, + nods down)")
                 roll = gr.Slider(-20, 20, value=0, step=1, label="Roll (°)")
+            gr.Markdown("Every control starts at the training faces' average. A named expression raises its "
+                        "blendshapes to at least the slider's value.")
             with gr.Group():
                 curated = [gr.Slider(0, 1, value=0, step=0.05, label=label) for label in CURATED_EXPRESSIONS]
-            with gr.Accordion("All 53 expressions (ICT-FaceKit / ARKit names)", open=False):
-                detailed = [gr.Slider(0, 1, value=0, step=0.05, label=name) for name in EXPRESSION_NAMES]
+            with gr.Accordion("All 53 expressions (ICT-FaceKit / ARKit names; they start at the training faces' "
+                              "average, which is not all zeros)", open=False):
+                detailed = [gr.Slider(0, 1, value=average.expression[name], step=0.05, label=name)
+                            for name in EXPRESSION_NAMES]
             with gr.Group():
-                azimuth = gr.Slider(-90, 90, value=0, step=1, label="Light from (°, + from the image's right)")
-                elevation = gr.Slider(-60, 60, value=30, step=1, label="Light elevation (°, + from above)")
-                intensity = gr.Slider(0, 2, value=0.5, step=0.05, label="Light intensity (× ambient)")
+                azimuth = gr.Slider(-90, 90, value=average.light_azimuth, step=1,
+                                    label="Light from (°, + from the image's right)")
+                elevation = gr.Slider(-60, 60, value=average.light_elevation, step=1,
+                                      label="Light elevation (°, + from above)")
+                intensity = gr.Slider(0, 2, value=average.light_intensity, step=0.05,
+                                      label="Light intensity (× ambient)")
             with gr.Accordion("Copy from a photo", open=False):
                 photo = photo_input("Face photo")
                 example_photos(photo)

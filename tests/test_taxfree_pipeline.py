@@ -12,7 +12,8 @@ import trimesh
 from core.face3dmm import EXPRESSION_NAMES, FaceParams, load_face_model
 from core.mesh import read_glb_asset_extras
 from core.nets.stylegan2 import Generator
-from core.pipelines.taxfree import CURATED_EXPRESSIONS, FaceControls, TaxFreePipeline, directional_sh
+from core.pipelines.taxfree import (CURATED_EXPRESSIONS, FaceControls, TaxFreePipeline, average_controls,
+                                   conditional_truncation, directional_sh, light_from_sh)
 
 PHOTOS = sorted((Path(__file__).parent / "fixtures" / "faces").glob("*.jpg"))
 
@@ -49,6 +50,52 @@ def test_controls_become_parameters(pipeline):
     assert not torch.equal(random_a, random_b)
     with pytest.raises(ValueError, match="unknown expressions"):
         pipeline.params_from_controls(FaceControls(expression={"grin": 1.0}))
+
+
+def test_unset_controls_take_the_training_average_and_random_identities_its_spread():
+    face_model = load_face_model()
+    size = FaceParams.vector_size(face_model.num_identity)
+    average = FaceParams.neutral(face_model.num_identity)
+    average.expression[EXPRESSION_NAMES.index("eyeWide_L")] = 0.55
+    average = FaceParams(**{**average.__dict__, "identity": torch.full([face_model.num_identity], 0.3),
+                            "sh": directional_sh(average.sh, 40, 10, 0.3)})
+    std = torch.ones(size)
+    std[:face_model.num_identity] = 0.5
+    generator = Generator(z_dim=8, c_dim=size, w_dim=8, img_resolution=16, img_channels=3,
+                          mapping_kwargs={"num_layers": 2}, synthesis_kwargs={"channel_base": 128, "channel_max": 8})
+    conditioning = {"mean": average.to_vector().tolist(), "std": std.tolist()}
+    pipeline = TaxFreePipeline({"m": generator}, {"m": conditioning}, face_model)
+
+    params = pipeline.params_from_controls(FaceControls(yaw=10, expression={"jawOpen": 0.7}))
+    assert params.expression[EXPRESSION_NAMES.index("eyeWide_L")] == pytest.approx(0.55)  # unset: the average's
+    assert params.expression[EXPRESSION_NAMES.index("jawOpen")] == pytest.approx(0.7)
+    assert light_from_sh(params.sh) == pytest.approx((40, 10, 0.3), abs=1e-3)
+    assert torch.allclose(params.identity, torch.full([face_model.num_identity], 0.3))
+    explicit = pipeline.params_from_controls(FaceControls(expression={"eyeWide_L": 0.0}, light_azimuth=-30))
+    assert explicit.expression[EXPRESSION_NAMES.index("eyeWide_L")] == 0
+    assert light_from_sh(explicit.sh) == pytest.approx((-30, 10, 0.3), abs=1e-3)
+    identities = torch.stack([pipeline.params_from_controls(FaceControls(), seed=s, random_identity=True).identity
+                              for s in range(40)])
+    assert float(identities.mean()) == pytest.approx(0.3, abs=0.05)
+    assert float(identities.std()) == pytest.approx(0.5, abs=0.05)
+
+    defaults = average_controls(conditioning)  # the tab's slider positions: rounded to the sliders' steps
+    assert defaults.expression["eyeWide_L"] == 0.55 and defaults.expression["jawOpen"] == 0
+    assert (defaults.light_azimuth, defaults.light_elevation, defaults.light_intensity) == (40, 10, 0.3)
+
+
+def test_conditional_truncation_pulls_toward_the_average_w_of_the_condition():
+    torch.manual_seed(0)
+    generator = Generator(z_dim=8, c_dim=4, w_dim=8, img_resolution=16, img_channels=3,
+                          mapping_kwargs={"num_layers": 2}, synthesis_kwargs={"channel_base": 128, "channel_max": 8})
+    z, c = torch.randn([3, 8]), torch.randn([1, 4]).expand(3, -1)
+    assert torch.equal(conditional_truncation(generator.mapping, z, c, 1.0), generator.mapping(z, c))
+    centre = conditional_truncation(generator.mapping, z, c, 0.0)
+    assert torch.allclose(centre[0], centre[1]) and torch.allclose(centre[0], centre[2])  # every z: the average of c
+    other = conditional_truncation(generator.mapping, z, torch.randn([1, 4]).expand(3, -1), 0.0)
+    assert not torch.allclose(centre, other)  # a different condition has its own centre, unlike the global w_avg
+    half = conditional_truncation(generator.mapping, z, c, 0.5)
+    assert torch.allclose(half, centre + 0.5 * (generator.mapping(z, c) - centre), atol=1e-6)
 
 
 def test_light_from_the_right_brightens_the_right_side(pipeline):
