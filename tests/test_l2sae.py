@@ -8,13 +8,14 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from core.nets.l2sae import L2SAE, L2SAEConfig, build_l2sae, load_l2sae, parameter_count
 from core.pipelines.latents2semantics import MODES, Latents2SemanticsPipeline, feathered_region_mask, load_pipeline
 from training.eval_l2sae import evaluate, write_metrics
 from training.resumable import Deadline
-from training.train_l2sae import FaceCrops, L2SAETrainer, TrainConfig, main, train
+from training.train_l2sae import FaceCrops, L2SAETrainer, TrainConfig, main, soft_dice_loss, train
 
 TINY = L2SAEConfig(resolution=32, structure_resolution=8, channels_per_region=2, style_dim=16, channel_base=256,
                    channel_max=16, mask_channels=4)
@@ -143,7 +144,7 @@ def test_train_save_resume_export_reload(tmp_path):
     trainer = tiny_trainer()
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     record = train(trainer, run, Deadline(600, 1), max_steps=2, log_every=1)
-    assert record["step"] == 2 and np.isfinite(record["l1"]) and np.isfinite(record["mask_ce"])
+    assert record["step"] == 2 and all(np.isfinite(record[key]) for key in ("l1", "mask_ce", "mask_dice"))
     assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
     assert (run / "samples.png").exists() and len((run / "log.jsonl").read_text().splitlines()) == 2
 
@@ -197,14 +198,15 @@ def test_float32_pass_uses_a_float32_copy_of_a_half_precision_model():
     assert result.edited[0].shape == (32, 32, 3)
 
 
-def test_cli_starts_a_run_from_an_archive(tmp_path):
-    """`--data` starts a new run from the command line (the recipe options and the archive path both reach it)."""
+def tiny_region_archive(path, masks=None):
+    """An archive of four random 32-px crops with region label maps (random unless given) in the train split."""
     from core.nets.l2sae import DATASET_REGIONS
     from training.data.archive import pack_bytes, write_archive
 
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(4)]
-    masks = [rng.integers(0, len(DATASET_REGIONS), (32, 32), dtype=np.uint8) for _ in range(4)]
+    if masks is None:
+        masks = [rng.integers(0, len(DATASET_REGIONS), (32, 32), dtype=np.uint8) for _ in range(4)]
     arrays = {}
     for key, items in (("image", images), ("mask", masks)):
         blobs = []
@@ -216,7 +218,12 @@ def test_cli_starts_a_run_from_an_archive(tmp_path):
     arrays["split"] = np.zeros(4, np.uint8)
     metadata = {"names": [f"s{i}" for i in range(4)], "size": 32, "class_names": list(DATASET_REGIONS),
                 "splits": ["train", "val", "test"]}
-    data = write_archive(tmp_path / "faces32.npz", arrays, metadata)
+    return write_archive(path, arrays, metadata)
+
+
+def test_cli_starts_a_run_from_an_archive(tmp_path):
+    """`--data` starts a new run from the command line (the recipe options and the archive path both reach it)."""
+    data = tiny_region_archive(tmp_path / "faces32.npz")
     run = tmp_path / "run"
     main(["--run", str(run), "--data", str(data), "--steps", "1", "--log-every", "1", "--minutes", "5", "--batch", "2",
           "--mbstd-group", "2", "--identity-weight", "0", "--d-channel-base", "256", "--d-channel-max", "16",
@@ -226,3 +233,43 @@ def test_cli_starts_a_run_from_an_archive(tmp_path):
     stored = json.loads((run / "state.json").read_text())["extra"]["config"]
     assert stored["data"] == str(data) and stored["batch"] == 2 and stored["model"]["channel_max"] == 16
     assert len((run / "log.jsonl").read_text().splitlines()) == 1
+
+
+def test_soft_dice_loss_rewards_overlap_and_skips_absent_regions():
+    labels = torch.zeros([1, 8, 8], dtype=torch.long)
+    labels[:, :, 4:] = 1  # regions 0 and 1 present, region 2 absent
+    perfect = F.one_hot(labels, 3).permute(0, 3, 1, 2).float() * 50
+    assert float(soft_dice_loss(perfect, labels)) < 1e-6
+    assert float(soft_dice_loss(perfect.flip(-1), labels)) > 0.99
+    region_2_everywhere = perfect.clone()
+    region_2_everywhere[:, 2] = 49.0  # the right region keeps p = sigmoid(1) of each pixel; region 2 takes the rest
+    p = 1 / (1 + np.exp(-1.0))
+    # the absent region 2 (Dice 0 if it counted) is left out of the mean
+    assert float(soft_dice_loss(region_2_everywhere, labels)) == pytest.approx(1 - 2 * p / (p + 1), abs=1e-4)
+
+
+def test_mask_refinement_trains_only_the_mask_head_resumes_and_exports(tmp_path):
+    from training.refine_l2sae_masks import main as refine
+
+    source = tiny_trainer().export(tmp_path / "source")
+    masks = [np.where(np.arange(32)[None, :] < 16, 1, 7).repeat(32, 0).astype(np.uint8) for _ in range(4)]
+    data = tiny_region_archive(tmp_path / "faces32.npz", masks)  # skin left, hair right: learnable from position
+    run, export = tmp_path / "run", tmp_path / "export"
+    refine(["--run", str(run), "--model", str(source), "--data", str(data), "--steps", "40", "--log-every", "20",
+            "--minutes", "5", "--batch", "2", "--lr", "0.01", "--device", "cpu"])
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["mask_ce"] < log[0]["mask_ce"] and log[-1]["mask_dice"] < log[0]["mask_dice"]
+    refine(["--run", str(run), "--steps", "2", "--log-every", "1", "--minutes", "5", "--data", str(data)])
+    refine(["--run", str(run), "--minutes", "0", "--export", str(export)])
+    before, after = load_l2sae(source).state_dict(), load_l2sae(export).state_dict()
+    changed = {key for key in before if not torch.equal(before[key], after[key])}
+    assert changed and all(key.startswith("mask_predictor.") for key in changed)
+    config = json.loads((export / "config.json").read_text())
+    assert config["training"]["mask_refinement"]["steps"] == 42 and config["kind"] == "l2sae"
+    card = (export / "README.md").read_text()
+    assert "## Mask head refinement" in card and "42 steps" in card and "L2SAE" in card
+
+    with open(source / "model.safetensors", "ab") as weights:  # the source changed under the run
+        weights.write(b" ")
+    with pytest.raises(SystemExit):
+        refine(["--run", str(run), "--minutes", "0", "--export", str(export)])

@@ -6,7 +6,8 @@
 Each step (batch of train-split crops x, x-flipped with probability 0.5 together with their region label maps m):
 * reconstruction x_rec = G(S, s) with (S, s) = E(x): L1 + `identity_weight` * (1 - cos) of the identity network's
   embeddings (`core.identity`, registry `identity-resnet`, frozen);
-* mask supervision: cross-entropy of the per-region mask logits (one shared head per structure slice) against m;
+* mask supervision: cross-entropy of the per-region mask logits (one shared head per structure slice) against m,
+  plus `mask_dice_weight` x the soft Dice loss (`soft_dice_loss`), which weighs a brow like the background;
 * style swap x_swap = G(S, s of another image in the batch);
 * region edit: a random region r per sample, Gaussian direction, strength ~ U(0.5, 1.5) through the Style
   Manipulation Network, x_edit = G(S, s'); `locality_weight` * mean |x_edit - x_rec| outside r's dilated label
@@ -66,6 +67,7 @@ class TrainConfig:
     l1_weight: float = 1.0
     identity_weight: float = 0.3
     mask_weight: float = 1.0
+    mask_dice_weight: float = 1.0  # soft Dice next to the CE, so that small regions count (refine_l2sae_masks)
     adversarial_weight: float = 0.1
     locality_weight: float = 1.0
     edit_weight: float = 0.5
@@ -108,6 +110,17 @@ def crops_from_archive(path: str | Path, split: str = "train") -> FaceCrops:
     images = torch.stack([torch.from_numpy(archive.image(i)).permute(2, 0, 1) for i in range(len(archive))])
     masks = torch.stack([torch.from_numpy(archive.mask(i)) for i in range(len(archive))])
     return FaceCrops(images, masks)
+
+
+def soft_dice_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """1 - mean soft Dice of softmax(logits) [N, R, H, W] against int labels [N, H, W], over the (image, region)
+    pairs whose region is present in the label map."""
+    probabilities = logits.softmax(dim=1)
+    one_hot = F.one_hot(labels, logits.shape[1]).permute(0, 3, 1, 2).to(probabilities.dtype)
+    intersection = (probabilities * one_hot).sum(dim=[2, 3])
+    total = probabilities.sum(dim=[2, 3]) + one_hot.sum(dim=[2, 3])
+    present = one_hot.sum(dim=[2, 3]) > 0
+    return 1 - (2 * intersection[present] / total[present]).mean()
 
 
 def load_identity_encoder(device: torch.device) -> IdentityEncoder:
@@ -172,7 +185,9 @@ class L2SAETrainer:
         edited, region_masks = self._edit(structure, style, masks)
         blended = region_masks * edited + (1 - region_masks) * images
         stats["l1"] = (reconstruction - images).abs().mean()
-        stats["mask_ce"] = F.cross_entropy(self.model.mask_logits(structure), masks)
+        mask_logits = self.model.mask_logits(structure)
+        stats["mask_ce"] = F.cross_entropy(mask_logits, masks)
+        stats["mask_dice"] = soft_dice_loss(mask_logits, masks)
         kernel = 2 * cfg.locality_dilation + 1
         outside = 1 - F.max_pool2d(region_masks, kernel, stride=1, padding=cfg.locality_dilation)
         change = (edited - reconstruction.detach()).abs().mean(dim=1, keepdim=True)
@@ -182,6 +197,7 @@ class L2SAETrainer:
         fakes = torch.cat([reconstruction, swapped, blended])
         stats["loss_adv"] = F.softplus(-self._discriminate(fakes)).mean()
         loss = (cfg.l1_weight * stats["l1"] + cfg.mask_weight * stats["mask_ce"]
+                + cfg.mask_dice_weight * stats["mask_dice"]
                 + cfg.locality_weight * stats["locality"] + cfg.edit_weight * stats["edit_hinge"]
                 + cfg.adversarial_weight * stats["loss_adv"])
         if self.identity is not None and cfg.identity_weight > 0:
@@ -297,7 +313,7 @@ def _model_card(trainer: L2SAETrainer, log: dict | None) -> str:
         f" channel_base {model.channel_base}, channel_max {model.channel_max}, mask head {model.mask_channels}"
         f" channels; {parameter_count(trainer.model) / 1e6:.2f} M parameters, float16 weights.",
         f"* **Recipe:** batch {cfg.batch}, Adam lr {cfg.lr}/{cfg.lr_d} (D) betas (0, 0.99); weights: L1 {cfg.l1_weight},"
-        f" identity {cfg.identity_weight}, mask CE {cfg.mask_weight}, adversarial {cfg.adversarial_weight},"
+        f" identity {cfg.identity_weight}, mask CE {cfg.mask_weight}, mask Dice {cfg.mask_dice_weight}, adversarial {cfg.adversarial_weight},"
         f" locality {cfg.locality_weight} (dilation {cfg.locality_dilation} px), edit hinge {cfg.edit_weight}"
         f" (margin {cfg.edit_margin}); R1 gamma {cfg.r1_gamma} every {cfg.r1_interval}; augmentation"
         f" `{cfg.augment}` (ADA target {cfg.ada_target}); seed {cfg.seed}.",
