@@ -47,8 +47,8 @@ def create_tab(runtime: Runtime) -> None:
                 yaw = gr.Slider(-40, 40, value=0, step=1, label="Yaw (°, + turns the nose to the image's right)")
                 pitch = gr.Slider(-25, 25, value=0, step=1, label="Pitch (°, + nods down)")
                 roll = gr.Slider(-20, 20, value=0, step=1, label="Roll (°)")
-            gr.Markdown("Every control starts at the training faces' average. A named expression raises its "
-                        "blendshapes to at least the slider's value.")
+            gr.Markdown("Every control starts at the training faces' average. A named expression adds its value "
+                        "to its blendshapes (at most 1).")
             with gr.Group():
                 curated = [gr.Slider(0, 1, value=0, step=0.05, label=label) for label in CURATED_EXPRESSIONS]
             with gr.Accordion("All 53 expressions (ICT-FaceKit / ARKit names; they start at the training faces' "
@@ -84,7 +84,7 @@ def create_tab(runtime: Runtime) -> None:
         expression = dict(zip(EXPRESSION_NAMES, (float(v) for v in detailed_values)))
         for label, value in zip(CURATED_EXPRESSIONS, curated_values):
             for name in CURATED_EXPRESSIONS[label]:
-                expression[name] = max(expression[name], float(value))
+                expression[name] = min(expression[name] + float(value), 1.0)
         return FaceControls(*(float(v) for v in pose), expression, *(float(v) for v in light), identity=identity_value)
 
     @gpu(duration=30)

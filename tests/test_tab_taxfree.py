@@ -13,7 +13,7 @@ from PIL import Image
 from app import build_demo
 from core.face3dmm import EXPRESSION_NAMES
 from core.mesh import read_glb_asset_extras
-from core.pipelines.taxfree import CURATED_EXPRESSIONS, VARIANTS, TaxFreePipeline
+from core.pipelines.taxfree import CURATED_EXPRESSIONS, VARIANTS, TaxFreePipeline, average_controls
 from core.provenance import read_png_provenance
 from core.runtime import Runtime
 from tabs.common import EXAMPLE_PHOTOS, MAX_UPLOAD_SIZE, preview_note
@@ -32,9 +32,10 @@ def client(tmp_path_factory):
     demo.close()
 
 
-def _face_values(yaw=0.0, smile=0.0):
+def _face_values(yaw=0.0, smile=0.0, detailed=None, light=(30.0, 20.0, 0.8)):
     curated = [smile if label == "smile" else 0.0 for label in CURATED_EXPRESSIONS]
-    return [yaw, 0.0, 0.0, *curated, *[0.0] * len(EXPRESSION_NAMES), 30.0, 20.0, 0.8]
+    detailed = [0.0] * len(EXPRESSION_NAMES) if detailed is None else [detailed[name] for name in EXPRESSION_NAMES]
+    return [yaw, 0.0, 0.0, *curated, *detailed, *light]
 
 
 def test_generate_both_variants_with_condition_render_and_mesh(client):
@@ -44,6 +45,11 @@ def test_generate_both_variants_with_condition_render_and_mesh(client):
     record = read_png_provenance(faces[0]["image"])
     assert record["seed"] == 5 and record["parameters"]["yaw"] == 20
     assert record["parameters"]["expression"] == {"mouthSmile_L": 1.0, "mouthSmile_R": 1.0}
+    detailed = dict.fromkeys(EXPRESSION_NAMES, 0.0) | {"mouthSmile_L": 0.3, "jawOpen": 0.5}
+    faces, *_ = client.predict("tax-free", 5, True, *_face_values(smile=0.5, detailed=detailed),
+                               api_name="/taxfree_generate")
+    expression = read_png_provenance(faces[0]["image"])["parameters"]["expression"]
+    assert expression == {"mouthSmile_L": 0.8, "mouthSmile_R": 0.5, "jawOpen": 0.5}  # named sliders add to the rest
     assert Image.open(condition).size == (256, 256)
     loaded = trimesh.load(mesh, force="mesh")
     assert 0 < len(loaded.faces) <= 100_000
@@ -98,11 +104,14 @@ def test_bundled_generators_turn_the_head_with_the_yaw_slider(app_client):
         size = max(128, image.width)  # detection needs the crops' size; the preview generators make 32 px
         return float(landmark_measurements(np.asarray(image.resize((size, size), Image.BICUBIC))[None])["pose"][0, 0])
 
+    registry = Runtime("cpu").registry  # the bundled registry the app runs on
+    average = average_controls(registry.load_config(registry.first_available(VARIANTS["tax-free"]))["conditioning"])
+    light = (average.light_azimuth, average.light_elevation, average.light_intensity)  # the tab's starting values
     for seed in (0, 1, 2):
         measured = {}
         for yaw in (-25, 25):
-            faces, condition, mesh, info = app_client.predict(BOTH, seed, True, *_face_values(yaw=yaw),
-                                                              api_name="/taxfree_generate")
+            values = _face_values(yaw=yaw, detailed=average.expression, light=light)
+            faces, condition, mesh, info = app_client.predict(BOTH, seed, True, *values, api_name="/taxfree_generate")
             assert [item["caption"] for item in faces] == list(VARIANTS)
             assert Image.open(condition).size == (256, 256) and len(trimesh.load(mesh, force="mesh").faces) > 0
             measured[yaw] = [landmark_yaw(item["image"]) for item in faces]
