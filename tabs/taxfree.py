@@ -66,7 +66,9 @@ def create_tab(runtime: Runtime) -> None:
                 photo = photo_input("Face photo")
                 example_photos(photo)
                 copy = gr.Button("Copy pose, expression, light and identity")
-            run = gr.Button("Generate", variant="primary")
+            with gr.Row():
+                reset = gr.Button("Reset to the average face")
+                run = gr.Button("Generate", variant="primary")
         with gr.Column():
             faces = gr.Gallery(label="Generated (left: tax-free, right: over-constrained)", columns=2, format="png",
                                height=340)
@@ -123,6 +125,13 @@ def create_tab(runtime: Runtime) -> None:
         clipped = [round(min(max(value, slider.minimum), slider.maximum), 1) for value, slider in pose_and_light + light]
         return clipped[:3] + [0.0] * len(curated) + detailed_values + clipped[3:] + [controls.identity.tolist(), False]
 
+    def reset_to_average():
+        light = [average.light_azimuth, average.light_elevation, average.light_intensity]
+        detailed_values = [average.expression[name] for name in EXPRESSION_NAMES]
+        return [0.0, 0.0, 0.0] + [0.0] * len(curated) + detailed_values + light + [None, True]
+
+    reset.click(reset_to_average, None, [*face_inputs, identity, random_identity], api_name="taxfree_reset",
+                queue=False)
     copy.click(copy_from_photo, photo, [*face_inputs, identity, random_identity], api_name="taxfree_copy_from_photo",
                concurrency_limit=1)
     run.click(randomize_seed, [seed, randomize], seed, queue=False, api_visibility="private").then(

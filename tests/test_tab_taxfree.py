@@ -23,9 +23,14 @@ from tests.tiny_weights import add_taxfree, load_registry
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory):
+def weights_dir(tmp_path_factory):
     weights_dir = tmp_path_factory.mktemp("weights")
     add_taxfree(weights_dir)
+    return weights_dir
+
+
+@pytest.fixture(scope="module")
+def client(weights_dir, tmp_path_factory):
     demo = build_demo(Runtime("cpu", registry=load_registry(weights_dir))).queue(max_size=4)
     _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, max_file_size=MAX_UPLOAD_SIZE)
     yield Client(url, verbose=False, download_files=str(tmp_path_factory.mktemp("downloads")))
@@ -77,6 +82,22 @@ def test_copy_from_photo_fills_the_sliders(client):
     detailed = values[3 + len(CURATED_EXPRESSIONS):3 + len(CURATED_EXPRESSIONS) + len(EXPRESSION_NAMES)]
     assert len(detailed) == len(EXPRESSION_NAMES) and all(0.0 <= v <= 1.0 for v in detailed)
     assert values[-1] is False  # random identity switched off: the photo's identity is kept
+
+
+def test_reset_returns_the_average_face_after_a_copy(client, weights_dir):
+    copied = list(client.predict(handle_file(EXAMPLE_PHOTOS[0]), api_name="/taxfree_copy_from_photo"))
+    values = list(client.predict(api_name="/taxfree_reset"))
+    assert len(values) == len(copied) and values != copied
+    assert values[:3] == [0, 0, 0] and values[-1] is True  # frontal, random identity again
+    curated = values[3:3 + len(CURATED_EXPRESSIONS)]
+    detailed = values[3 + len(CURATED_EXPRESSIONS):3 + len(CURATED_EXPRESSIONS) + len(EXPRESSION_NAMES)]
+    assert curated == [0] * len(CURATED_EXPRESSIONS)
+    registry = load_registry(weights_dir)
+    average = TaxFreePipeline.from_pretrained(runtime=Runtime("cpu", registry=registry)).average_controls()
+    assert detailed == [average.expression[name] for name in EXPRESSION_NAMES]
+    assert detailed[EXPRESSION_NAMES.index("eyeWide_L")] == 0.5  # the registered model's average, not zeros
+    light = values[len(values) - 4:-1]  # the identity state is not returned to API clients; random identity is last
+    assert light == [average.light_azimuth, average.light_elevation, average.light_intensity]
 
 
 def test_bad_input_gets_clear_messages(client, tmp_path):

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from core import weights as W
-from core.face3dmm import FaceParams, load_face_model
+from core.face3dmm import EXPRESSION_NAMES, FaceParams, load_face_model
 from core.nets.encoders import StyleEncoder, build_head3d_encoder, style_encoder_config
 from core.nets.l2sae import L2SAE, L2SAEConfig
 from core.nets.style_delta import make_style_delta, save_style_delta
@@ -82,7 +82,9 @@ def add_taxfree(weights_dir: Path, alternative: int = 0) -> None:
         folder.mkdir()
         save_file({k: v.half() for k, v in Generator(**init_kwargs).state_dict().items()},
                   str(folder / "model.safetensors"))
-        conditioning = {"mean": FaceParams.neutral(face_model.num_identity).to_vector().tolist(), "std": [1.0] * size}
+        average = FaceParams.neutral(face_model.num_identity)
+        average.expression[EXPRESSION_NAMES.index("eyeWide_L")] = 0.5  # like the real fits: not all zeros
+        conditioning = {"mean": average.to_vector().tolist(), "std": [1.0] * size}
         (folder / "config.json").write_text(json.dumps({"kind": "stylegan2", "init_kwargs": init_kwargs,
                                                         "conditioning": conditioning}))
         register(folder, name, weights_dir)
