@@ -73,20 +73,9 @@ class MaskRefiner:
     def images_seen(self) -> int:
         return self.step_count * self.config.batch
 
-    def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images in [-1, 1] and int64 label maps; the draw depends only on (seed, step) so resuming keeps it."""
-        generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.step_count)
-        index = torch.randint(self.data.images.shape[0], [self.config.batch], generator=generator).to(self.device)
-        mirror = (torch.rand([self.config.batch], generator=generator) < 0.5).to(self.device)
-        images = self.data.images[index].float() / 127.5 - 1
-        masks = self.data.masks[index].long()
-        images = torch.where(mirror.reshape(-1, 1, 1, 1), images.flip(-1), images)
-        masks = torch.where(mirror.reshape(-1, 1, 1), masks.flip(-1), masks)
-        return images, masks
-
     def step(self) -> dict[str, torch.Tensor]:
         """One update of the mask head; returns detached scalar stats."""
-        images, masks = self._batch()
+        images, masks = self.data.draw(self.config.batch, self.config.seed, self.step_count)
         with torch.no_grad():
             structure, _ = self.model.encode(images)
         logits = self.model.mask_logits(structure)

@@ -99,6 +99,18 @@ class FaceCrops:
     def to(self, device) -> "FaceCrops":
         return FaceCrops(self.images.to(device), self.masks.to(device))
 
+    def draw(self, batch: int, seed: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`batch` random crops in [-1, 1] with their int64 label maps, x-flipped together with probability 0.5; the
+        draw depends only on (seed, step), so a resumed run continues it."""
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        index = torch.randint(self.images.shape[0], [batch], generator=generator).to(self.images.device)
+        mirror = (torch.rand([batch], generator=generator) < 0.5).to(self.images.device)
+        images = self.images[index].float() / 127.5 - 1
+        masks = self.masks[index].long()
+        images = torch.where(mirror.reshape(-1, 1, 1, 1), images.flip(-1), images)
+        masks = torch.where(mirror.reshape(-1, 1, 1), masks.flip(-1), masks)
+        return images, masks
+
 
 def crops_from_archive(path: str | Path, split: str = "train") -> FaceCrops:
     """Decode an archive split (`training.data.archive`); checks its classes are the model's regions."""
@@ -147,17 +159,6 @@ class L2SAETrainer:
         self.operations = parse_operations(config.augment)
         self.step_count = 0
 
-    def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images in [-1, 1] and int64 label maps; the draw depends only on (seed, step) so resuming keeps it."""
-        generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.step_count)
-        index = torch.randint(self.data.images.shape[0], [self.config.batch], generator=generator).to(self.device)
-        mirror = (torch.rand([self.config.batch], generator=generator) < 0.5).to(self.device)
-        images = self.data.images[index].float() / 127.5 - 1
-        masks = self.data.masks[index].long()
-        images = torch.where(mirror.reshape(-1, 1, 1, 1), images.flip(-1), images)
-        masks = torch.where(mirror.reshape(-1, 1, 1), masks.flip(-1), masks)
-        return images, masks
-
     def _discriminate(self, images: torch.Tensor) -> torch.Tensor:
         return self.D(augment(images, self.ada.p, self.operations), None)
 
@@ -173,7 +174,7 @@ class L2SAETrainer:
     def step(self) -> dict[str, torch.Tensor]:
         """One L2SAE update and one D update (+ R1 every `r1_interval` steps); returns detached scalar stats."""
         cfg = self.config
-        images, masks = self._batch()
+        images, masks = self.data.draw(cfg.batch, cfg.seed, self.step_count)
         stats: dict[str, torch.Tensor] = {}
 
         self.model.requires_grad_(True)
