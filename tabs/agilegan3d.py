@@ -5,8 +5,8 @@ from __future__ import annotations
 import gradio as gr
 
 from core.face import FaceInputError
-from core.pipelines.head3d import (ENCODER_NAMES, IDENTITY_NAME, MODEL_NAME, MODEL_NAMES, Head3DPipeline,
-                                   available_styles, preferred_model, view_yaws)
+from core.pipelines.head3d import (DEFAULT_YAW_RANGE, ENCODER_NAMES, IDENTITY_NAME, MODEL_NAME, MODEL_NAMES,
+                                   YAW_RANGE_INFO, Head3DPipeline, available_styles, preferred_model, view_yaws)
 from core.runtime import Runtime, gpu
 from core.weights import Registry, WeightsError
 from tabs.common import example_photos, photo_input, preview_note, raise_user_error, require_photo, save_pngs
@@ -80,7 +80,8 @@ def create_tab(runtime: Runtime) -> None:
             style = gr.Dropdown(styles, value=styles[0], label="Style")
             with gr.Group():
                 views = gr.Slider(1, 9, value=5, step=1, label="Number of views")
-                yaw_range = gr.Slider(0, 60, value=40, step=5, label="Yaw range (± degrees)")
+                yaw_range = gr.Slider(0, 60, value=DEFAULT_YAW_RANGE, step=5, label="Yaw range (± degrees)",
+                                      info=YAW_RANGE_INFO)
                 refine_steps = gr.Slider(0, 50, value=10, step=1, label="Refinement steps (slower, closer)")
             run = gr.Button("Stylize", variant="primary")
             with gr.Accordion("Train a new style", open=False):

@@ -7,9 +7,9 @@ import gradio as gr
 
 from core.face import FaceInputError
 from core.official import PANOHEAD, VARIANTS, stylized_variants
-from core.pipelines.head3d import (ENCODER_NAMES, IDENTITY_NAME, MODEL_NAME, MODEL_NAMES, Head3DPipeline,
-                                   available_styles, available_stylized_generators, load_official, preferred_model,
-                                   view_yaws)
+from core.pipelines.head3d import (DEFAULT_YAW_RANGE, ENCODER_NAMES, IDENTITY_NAME, MODEL_NAME, MODEL_NAMES,
+                                   YAW_RANGE_INFO, Head3DPipeline, available_styles, available_stylized_generators,
+                                   load_official, preferred_model, view_yaws)
 from core.runtime import Runtime, gpu
 from core.weights import Registry, WeightsError
 from tabs.common import (MAX_SEED, example_photos, photo_input, preview_note, raise_user_error, randomize_seed,
@@ -148,7 +148,8 @@ def create_tab(runtime: Runtime) -> None:
             instructions = gr.Markdown(visible=False)
             with gr.Group():
                 views = gr.Slider(1, 9, value=_default_views(default), step=1, label="Number of views")
-                yaw_range = gr.Slider(0, 60, value=40, step=5, label="Yaw range (± degrees)")
+                yaw_range = gr.Slider(0, 60, value=DEFAULT_YAW_RANGE, step=5, label="Yaw range (± degrees)",
+                                      info=YAW_RANGE_INFO)
                 pitch = gr.Slider(-25, 25, value=0, step=1, label="Pitch (degrees, + looks from below)")
                 fast = gr.Checkbox(value=True, label=f"Fast rays (at most {FAST_RAYS} px; the images keep their size)",
                                    visible=default == PANOHEAD.name)
