@@ -14,7 +14,8 @@ from PIL import Image
 from core.identity import IdentityEncoder
 from training.eval import faces
 from training.eval.__main__ import main as eval_cli
-from training.eval.metrics import frechet_distance, mask_iou, pairwise_cosine, pose_error, psnr
+from training.eval.metrics import (distinct_neighbour_rate, frechet_distance, mask_iou, mean_cross_cosine,
+                                   pairwise_cosine, pose_error, psnr)
 
 torch.set_num_threads(2)
 
@@ -55,6 +56,25 @@ def test_pairwise_cosine():
     np.testing.assert_allclose(pairwise_cosine(a, b), [1.0, 0.0, -1.0], atol=1e-12)
     with pytest.raises(ValueError):
         pairwise_cosine(a, b[:2])
+
+
+def test_mean_cross_cosine_averages_distinct_pairs_only():
+    # pairs: (0, 1) cos 0, (0, 2) cos 1/sqrt(2), (1, 2) cos 1/sqrt(2); self-similarities are left out
+    e = np.array([[1.0, 0.0], [0.0, 5.0], [2.0, 2.0]])
+    assert mean_cross_cosine(e) == pytest.approx(2 / np.sqrt(2) / 3)
+    assert mean_cross_cosine(np.array([[1.0, 2.0], [2.0, 4.0]])) == pytest.approx(1.0)  # one face, twice
+    with pytest.raises(ValueError):
+        mean_cross_cosine(e[:1])
+
+
+def test_distinct_neighbour_rate_counts_neighbours_at_or_beyond_the_threshold_cyclically():
+    d = np.array([[0.0, 0.0], [0.0, 0.5], [0.0, 1.5], [0.0, 1.5]])
+    # neighbour distances: 0.5, 1.0, 0.0 and, last to first, 1.5
+    assert distinct_neighbour_rate(d, 0.6) == 0.5
+    assert distinct_neighbour_rate(d, 0.5) == 0.75  # at the threshold counts as different
+    assert distinct_neighbour_rate(np.zeros((3, 2)), 0.6) == 0.0  # one face, three times
+    with pytest.raises(ValueError):
+        distinct_neighbour_rate(d[:1], 0.6)
 
 
 def test_pose_error_averages_absolute_differences_and_wraps_angles():

@@ -16,7 +16,7 @@ from core.pipelines.head3d import Head3DPipeline
 from core.runtime import Runtime
 from tabs.common import EXAMPLE_PHOTOS
 from tests.test_head3d import TINY
-from training.eval_head3d import encoder_card_section, evaluate
+from training.eval_head3d import card_section, encoder_card_section, evaluate
 from training.resumable import Deadline
 from training.train_head3d import build_head_generator
 from training.train_head3d_encoder import Head3DEncoderConfig, Head3DEncoderTrainer, train
@@ -115,6 +115,9 @@ def test_evaluation_produces_numbers(pipeline):
     assert all(np.isfinite(row["identity"]) and row["photos"] == 1 for row in metrics["inversion"])
     assert metrics["same_person_rate"] == 0  # random renders show no face: never the same person
     assert all(row["same_person_rate"] == 0 for row in metrics["inversion"])  # nor a random inversion the photo's
+    assert metrics["distinct_people_rate_test_crops"] == 1.0  # the two example photos are two people
+    assert -1 <= metrics["identity_between_seeds"] <= 1 and metrics["identity_between_test_crops"] < 0.95
+    assert "different seeds' frontal renders" in card_section(metrics)
     section = encoder_card_section({**metrics, "generator": "tiny-random"})
     assert section.count("photo inversion: same person") == 2 and "1 refinement steps" in section
     alone = evaluate(pipeline, crops, seeds=0, photos=1)

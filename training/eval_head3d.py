@@ -17,6 +17,11 @@ metrics against the issue's targets.
   fraction of seeds whose nose is nearer than both cheeks, `nose_depth_margin` the mean (cheek - nose) depth in
   world units (positive: nose in front).
 * `fd_id`: Frechet distance of identity embeddings, frontal renders vs the archive's test crops.
+* Diversity (issue #9's "no collapse to one face" starts at the base): `identity_between_seeds`, the mean identity
+  cosine between the frontal renders of different seeds, against `identity_between_test_crops`, the same over the
+  test crops (different real people); `distinct_people_rate`, the fraction of neighbouring seeds (i, i + 1) whose
+  frontal renders are different people by dlib's descriptor distance (at least 0.6), against
+  `distinct_people_rate_test_crops` for neighbouring test crops.
 * With an encoder, over `--photos` test crops, once per `--refine-steps` setting (e.g. `0,30`), a row of
   `inversion`: `identity` (mean identity cosine of each aligned crop to the frontal render of its inversion) and
   `same_person_rate` (fraction whose render at the crop's own camera is the crop's person by dlib's descriptor
@@ -41,7 +46,9 @@ from core.nets.encoders import build_head3d_encoder
 from core.pipelines.head3d import Head3DPipeline
 from core.runtime import Runtime
 from training.eval.cards import write_card_section
-from training.eval.faces import descriptor_distance, frechet_identity_distance, identity_encoder
+from training.eval.faces import (descriptor_distance, embed_aligned_faces, face_descriptors, frechet_identity_distance,
+                                 identity_encoder)
+from training.eval.metrics import distinct_neighbour_rate, mean_cross_cosine
 from training.eval_taxfree import resize_like
 
 DETECTION_YAWS = (-40.0, -20.0, 0.0, 20.0, 40.0)
@@ -131,7 +138,15 @@ def generator_metrics(pipeline: Head3DPipeline, test_crops: list[np.ndarray], se
         "fd_id": frechet_identity_distance(frontal, test_crops, pipeline.identity),
         "test_crops": len(test_crops),
     }
-    return metrics
+    return {**metrics, **diversity(frontal, test_crops[:seeds], pipeline.identity, threshold)}
+
+
+def diversity(frontal: list[np.ndarray], crops: list[np.ndarray], identity, threshold: float) -> dict[str, float]:
+    """How different the heads of different seeds are, next to as many real test crops (see the module doc)."""
+    return {"identity_between_seeds": mean_cross_cosine(embed_aligned_faces(frontal, identity)),
+            "identity_between_test_crops": mean_cross_cosine(embed_aligned_faces(crops, identity)),
+            "distinct_people_rate": distinct_neighbour_rate(face_descriptors(frontal, identity), threshold),
+            "distinct_people_rate_test_crops": distinct_neighbour_rate(face_descriptors(crops, identity), threshold)}
 
 
 def card_section(metrics: dict[str, Any]) -> str:
@@ -152,6 +167,15 @@ def card_section(metrics: dict[str, Any]) -> str:
         (f"FD-id, frontal renders vs {metrics['test_crops']} {metrics.get('split', 'test')} crops",
          f"{metrics['fd_id']:.3f}", "reported", ""),
     ]
+    if "identity_between_seeds" in metrics:
+        rows += [
+            ("identity cosine between different seeds' frontal renders (different test crops)",
+             f"{metrics['identity_between_seeds']:.3f} ({metrics['identity_between_test_crops']:.3f})", "reported",
+             ""),
+            ("neighbouring seeds that are different people, dlib distance >= 0.6 (neighbouring test crops)",
+             f"{metrics['distinct_people_rate']:.1%} ({metrics['distinct_people_rate_test_crops']:.1%})", "reported",
+             ""),
+        ]
     rows += inversion_rows(metrics)
     lines = ["", "## Evaluation (eval_head3d)", "",
              f"`python -m training.eval_head3d` on {metrics['seeds']} seeds (truncation 0.7); renders smaller than "

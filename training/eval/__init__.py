@@ -4,6 +4,8 @@
 the runtime's face input and identity network. ``training.eval.dlib_reference`` wraps dlib (dev/eval only).
 """
 
-from training.eval.metrics import frechet_distance, mask_iou, pairwise_cosine, pose_error, psnr
+from training.eval.metrics import (distinct_neighbour_rate, frechet_distance, mask_iou, mean_cross_cosine,
+                                   pairwise_cosine, pose_error, psnr)
 
-__all__ = ["frechet_distance", "mask_iou", "pairwise_cosine", "pose_error", "psnr"]
+__all__ = ["distinct_neighbour_rate", "frechet_distance", "mask_iou", "mean_cross_cosine", "pairwise_cosine",
+           "pose_error", "psnr"]

@@ -49,17 +49,19 @@ def aligned_to_tensor(aligned: Sequence[np.ndarray]) -> torch.Tensor:
 
 
 @torch.no_grad()
+def face_descriptors(aligned: Sequence[np.ndarray], encoder: IdentityEncoder | None = None) -> np.ndarray:
+    """The identity network's raw (dlib) descriptors [N, 128] of a list of aligned uint8 crops of one size."""
+    encoder = encoder or identity_encoder()
+    device = next(encoder.parameters()).device
+    chips = encoder.chip_from_aligned(aligned_to_tensor(aligned).to(device))
+    return encoder.descriptor(chips).float().cpu().double().numpy()
+
+
 def descriptor_distance(aligned_a: Sequence[np.ndarray], aligned_b: Sequence[np.ndarray],
                         encoder: IdentityEncoder | None = None) -> np.ndarray:
     """Euclidean distance of the identity network's raw descriptors, pair by pair, of two lists of aligned uint8
     crops (each list one size); dlib calls a pair the same person below `encoder.config["same_person_distance"]`."""
-    encoder = encoder or identity_encoder()
-    device = next(encoder.parameters()).device
-
-    def descriptors(aligned):
-        return encoder.descriptor(encoder.chip_from_aligned(aligned_to_tensor(aligned).to(device))).float()
-
-    return (descriptors(aligned_a) - descriptors(aligned_b)).norm(dim=1).cpu().double().numpy()
+    return np.linalg.norm(face_descriptors(aligned_a, encoder) - face_descriptors(aligned_b, encoder), axis=1)
 
 
 @torch.no_grad()

@@ -1,4 +1,5 @@
-"""Plain metrics on arrays: Frechet distance, pairwise cosine similarity, pose error, mask IoU, PSNR."""
+"""Plain metrics on arrays: Frechet distance, pairwise and between-sample cosine similarity, distinct neighbours,
+pose error, mask IoU, PSNR."""
 
 from __future__ import annotations
 
@@ -34,6 +35,26 @@ def pairwise_cosine(embeddings_a: np.ndarray, embeddings_b: np.ndarray) -> np.nd
         raise ValueError(f"shapes differ: {a.shape} vs {b.shape}")
     norms = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
     return np.sum(a * b, axis=-1) / np.maximum(norms, 1e-12)
+
+
+def mean_cross_cosine(embeddings: np.ndarray) -> float:
+    """Mean cosine similarity over all pairs of distinct rows of ``embeddings`` (N x D, N >= 2): how alike a set of
+    samples is (e.g. identity embeddings of different people; higher = less diverse)."""
+    e = np.asarray(embeddings, dtype=np.float64)
+    if e.ndim != 2 or len(e) < 2:
+        raise ValueError(f"need N >= 2 rows of N x D embeddings, got shape {e.shape}")
+    e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+    similarity = e @ e.T
+    return float((similarity.sum() - np.trace(similarity)) / (len(e) * (len(e) - 1)))
+
+
+def distinct_neighbour_rate(descriptors: np.ndarray, threshold: float) -> float:
+    """Fraction of neighbouring rows (i, i + 1, the last with the first) of face descriptors [N, D] (N >= 2) that are
+    at least `threshold` apart: for dlib descriptors and 0.6, how many neighbouring samples are different people."""
+    d = np.asarray(descriptors, dtype=np.float64)
+    if d.ndim != 2 or len(d) < 2:
+        raise ValueError(f"need N >= 2 rows of N x D descriptors, got shape {d.shape}")
+    return float(np.mean(np.linalg.norm(d - np.roll(d, -1, axis=0), axis=1) >= threshold))
 
 
 def pose_error(poses_a: np.ndarray, poses_b: np.ndarray) -> dict[str, float]:
