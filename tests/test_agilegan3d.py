@@ -192,8 +192,11 @@ def test_cli_runs_every_stage_resumes_and_exports_a_style_with_its_encoder(bases
     assert evaluation["encoder"] == "style" and evaluation["style"]["photos"] == TINY.eval_photos
     for metrics in (evaluation["style"], evaluation["base"]):
         assert -1 <= metrics["photo_identity"] <= 1 and -1 <= metrics["multiview_identity"] <= 1
+        assert 0 <= metrics["distinct_people_rate"] <= 1 and -1 <= metrics["identity_between_portraits"] <= 1
     assert evaluation["style"]["style_strength"] > 0 and "style_strength" not in evaluation["base"]
-    assert f"| {evaluation['style']['photo_identity']:.3f} |" in card
+    # the same photos under both rows
+    assert evaluation["style"]["identity_between_photos"] == evaluation["base"]["identity_between_photos"]
+    assert f"| {evaluation['style']['photo_identity']:.3f} |" in card and "different photos, different people" in card
 
     base = load_generator(bases / "base3d")
     styled = apply_style_delta(base, build_style_delta(config, load_file(out / "model.safetensors")))
