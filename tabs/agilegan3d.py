@@ -9,7 +9,8 @@ from core.pipelines.head3d import (DEFAULT_YAW_RANGE, ENCODER_NAMES, IDENTITY_NA
                                    YAW_RANGE_INFO, Head3DPipeline, available_styles, preferred_model, view_yaws)
 from core.runtime import Runtime, gpu
 from core.weights import Registry, WeightsError
-from tabs.common import example_photos, photo_input, preview_note, raise_user_error, require_photo, save_pngs
+from tabs.common import (example_photos, photo_input, preview_note, raise_user_error, require_photo, save_pngs,
+                         style_label)
 
 KEY = "agilegan3d"
 METHOD = "agilegan3d"
@@ -77,7 +78,8 @@ def create_tab(runtime: Runtime) -> None:
         with gr.Column():
             photo = photo_input("Portrait")
             example_photos(photo)
-            style = gr.Dropdown(styles, value=styles[0], label="Style")
+            style = gr.Dropdown([(style_label(runtime.registry, name), name) for name in styles], value=styles[0],
+                                label="Style")
             with gr.Group():
                 views = gr.Slider(1, 9, value=5, step=1, label="Number of views")
                 yaw_range = gr.Slider(0, 60, value=DEFAULT_YAW_RANGE, step=5, label="Yaw range (± degrees)",

@@ -82,6 +82,12 @@ def preview_note(registry, chosen: dict[str, str]) -> str | None:
             f"{', '.join(previews)}. Expect small, soft images; the controls work the same way.")
 
 
+def style_label(registry, name: str) -> str:
+    """Dropdown label of a registry style delta: "toon (head3d-style-toon-faces64)", the name alone without a style."""
+    style = registry.load_config(name).get("style")
+    return f"{style} ({name})" if style else name
+
+
 def randomize_seed(seed: int, randomize: bool) -> int:
     """A fresh random seed when `randomize` is ticked, else `seed` clamped to the valid range."""
     if randomize:

@@ -13,7 +13,7 @@ from core.pipelines.head3d import (DEFAULT_YAW_RANGE, ENCODER_NAMES, IDENTITY_NA
 from core.runtime import Runtime, gpu
 from core.weights import Registry, WeightsError
 from tabs.common import (MAX_SEED, example_photos, photo_input, preview_note, raise_user_error, randomize_seed,
-                         require_photo, save_pngs)
+                         require_photo, save_pngs, style_label)
 
 KEY = "stylize3d"
 REQUIRED_MODELS = (IDENTITY_NAME,)
@@ -92,11 +92,10 @@ def _style_choices(registry: Registry, generator: str) -> list[tuple[str, str]]:
     official = {variant.name: variant.title for variant in stylized_variants(generator)}
     ready = _ready_styles(registry, generator)
 
-    def label(name: str) -> str:  # a bundled style delta: "toon (head3d-style-toon-faces64)"
+    def label(name: str) -> str:
         if name in official or name == ORIGINAL:
             return official.get(name, name)
-        style = registry.load_config(name).get("style")
-        return f"{style} ({name})" if style else name
+        return style_label(registry, name)
 
     return ([(label(name), name) for name in ready]
             + [(title + NEEDS_DOWNLOAD, name) for name, title in official.items() if name not in ready])

@@ -55,6 +55,13 @@ def test_tab_needs_an_agilegan3d_style(registry, tmp_path):
     assert agilegan3d not in available_tabs(without_style)
 
 
+def test_the_style_menu_shows_each_style_by_its_name_and_passes_the_registry_name(registry):
+    with gr.Blocks() as demo:
+        agilegan3d.create_tab(Runtime("cpu", registry=registry))
+    menu = next(block for block in demo.blocks.values() if isinstance(block, gr.Dropdown))
+    assert dict(menu.choices) == {f"test ({STYLE})": STYLE, f"plain ({PLAIN_STYLE})": PLAIN_STYLE}
+
+
 def test_photo_becomes_a_stylized_3d_portrait(client):
     aligned, frontal, views, glb, info = client.predict(handle_file(EXAMPLE_PHOTOS[2]), STYLE, 3, 30, 0,
                                                         api_name="/agile3d_stylize")
