@@ -85,6 +85,23 @@ def test_photos_go_through_the_style_encoder_when_the_style_ships_one(registry):
     assert pipeline.stylize(STYLE, seed=3, yaws=(0,), mesh=False).provenance.parameters["encoder"] is None
 
 
+def test_portrait_metrics_compare_different_photos_only_when_there_are_two(registry):
+    from core.face import prepare_face
+    from training.eval_agilegan3d import evaluate_portraits
+
+    pipeline = Head3DPipeline.from_pretrained(runtime=Runtime("cpu", registry=registry))
+    size = pipeline.generator.img_resolution
+    crops = torch.stack([torch.from_numpy(prepare_face(path, size=size).image).permute(2, 0, 1)
+                         for path in EXAMPLE_PHOTOS[:2]])
+    cameras = torch.cat([pipeline.camera(0, 0)] * 2)
+    parts = pipeline.generator, pipeline.encoder, pipeline.identity
+    two = evaluate_portraits(*parts, crops, cameras)
+    assert two["distinct_people_rate_photos"] == 1.0  # two example photos, two people
+    assert 0 <= two["distinct_people_rate"] <= 1 and -1 <= two["identity_between_portraits"] <= 1
+    one = evaluate_portraits(*parts, crops[:1], cameras[:1])
+    assert "distinct_people_rate" not in one and "identity_between_photos" not in one and one["photos"] == 1
+
+
 def test_bad_input_gets_clear_messages(client, tmp_path):
     with pytest.raises(Exception, match="(?i)upload a photo"):
         client.predict(None, STYLE, 3, 30, 0, api_name="/agile3d_stylize")

@@ -10,7 +10,8 @@ camera; the latent is rendered by the generator at that camera and at yaws `EVAL
 * `identity_between_portraits`: mean identity cosine between the frontal renders of different photos, and
   `distinct_people_rate`: the fraction of neighbouring photos (i, i + 1) whose frontal renders are different people
   by dlib's descriptor distance (at least 0.6); `identity_between_photos` and `distinct_people_rate_photos` are the
-  same for the photos themselves. A style that maps everyone to one face scores a high cosine and a low rate.
+  same for the photos themselves (with at least two photos). A style that maps everyone to one face scores a high
+  cosine and a low rate.
 * `style_strength` (with a reference generator, the base one): mean absolute difference between the stylized and
   the base generator's renders of the same latents over `EVAL_YAWS`, pixel values on a 0-1 scale. 0 means no visible
   change; it measures how far the style moves the portrait, not whether it moves it towards the exemplars.
@@ -73,6 +74,8 @@ def evaluate_portraits(generator: torch.nn.Module, encoder: torch.nn.Module, ide
     threshold = identity.config["same_person_distance"]
     for similarity_key, distinct_key, pairs in (("identity_between_portraits", "distinct_people_rate", portraits),
                                                 ("identity_between_photos", "distinct_people_rate_photos", photos)):
+        if len(images) < 2:  # no pairs of different photos
+            break
         embeddings = torch.cat([embedding for embedding, _ in pairs]).double().cpu().numpy()
         descriptor_rows = torch.cat([descriptor for _, descriptor in pairs]).double().cpu().numpy()
         metrics[similarity_key] = round(mean_cross_cosine(embeddings), 4)
