@@ -34,7 +34,8 @@ from safetensors.torch import save_file
 
 from core.nets import CONFIG_FILE, WEIGHTS_FILE
 from core.nets.l2sae import L2SAE, load_l2sae
-from training.resumable import Deadline, last_log_record, load_checkpoint, save_checkpoint, stored_config
+from training.resumable import (Deadline, add_budget_options, last_log_record, load_checkpoint, save_checkpoint,
+                                stored_config)
 from training.train_l2sae import (CARD_FILE, REGION_COLOURS, SAMPLE_COUNT, FaceCrops, crops_from_archive,
                                   soft_dice_loss)
 from training.train_stylegan2 import configure_device, train
@@ -156,9 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run", required=True, help="run folder (checkpoint, log, samples); resumed if present")
     parser.add_argument("--model", help="the bundled-format L2SAE to refine (only to start a run)")
     parser.add_argument("--data", help="training archive at the model's size; not needed for --minutes 0 --export")
-    parser.add_argument("--minutes", type=float, default=9.0, help="wall-clock budget of this call")
-    parser.add_argument("--reserve-s", type=float, default=30.0, help="stop this long before the budget")
-    parser.add_argument("--steps", type=int, default=None, help="stop after this many steps in this call")
+    add_budget_options(parser, reserve_s=30.0)
     parser.add_argument("--log-every", type=int, default=200)
     parser.add_argument("--export", help="write the refined L2SAE in the bundled format here at the end")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -173,6 +173,13 @@ def load_checkpoint(
     return state["step"], state["extra"]
 
 
+def add_budget_options(parser, reserve_s: float = 45.0) -> None:
+    """The chunked trainers' budget of one call on an argparse parser: --minutes, --reserve-s and --steps."""
+    parser.add_argument("--minutes", type=float, default=9.0, help="wall-clock budget of this call")
+    parser.add_argument("--reserve-s", type=float, default=reserve_s, help="stop this long before the budget")
+    parser.add_argument("--steps", type=int, default=None, help="stop after this many steps in this call")
+
+
 def stored_config(run_dir: str | Path) -> dict[str, Any] | None:
     """The run config a run folder's checkpoint keeps in `extra["config"]`, or None when it holds no checkpoint."""
     state_path = Path(run_dir) / STATE_FILE

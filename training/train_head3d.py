@@ -56,7 +56,8 @@ from core.nets.triplane import TriPlaneGenerator
 from core.nets.volume_rendering import sample_rays
 from training.augment import AdaptiveProbability, augment, parse_operations
 from training.discriminator import Discriminator
-from training.resumable import Deadline, last_log_record, load_checkpoint, save_checkpoint, stored_config
+from training.resumable import (Deadline, add_budget_options, last_log_record, load_checkpoint, save_checkpoint,
+                                stored_config)
 from training.train_stylegan2 import add_config_options, configure_device, nan_to_num_grads, train, update_ema
 
 PRIOR_FILE = "geometry_prior.npz"
@@ -511,9 +512,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", help="training archive (training.data); with --minutes 0 only the geometry prior is"
                         " prepared; not needed for --minutes 0 --export")
     parser.add_argument("--split", default=defaults.split)
-    parser.add_argument("--minutes", type=float, default=9.0, help="wall-clock budget of this call")
-    parser.add_argument("--reserve-s", type=float, default=45.0, help="stop this long before the budget")
-    parser.add_argument("--steps", type=int, default=None, help="stop after this many steps in this call")
+    add_budget_options(parser)
     parser.add_argument("--kimg", type=float, default=None, help="stop when the run has seen this many kimg")
     parser.add_argument("--log-every", type=int, default=100)
     parser.add_argument("--exact-checkpoint", action="store_true", help="store float32 weights and moments")

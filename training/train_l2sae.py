@@ -42,7 +42,8 @@ from core.nets import CONFIG_FILE, WEIGHTS_FILE
 from core.nets.l2sae import DATASET_REGIONS, L2SAE, L2SAEConfig, parameter_count
 from training.augment import AdaptiveProbability, augment, parse_operations
 from training.discriminator import Discriminator
-from training.resumable import Deadline, last_log_record, load_checkpoint, save_checkpoint, stored_config
+from training.resumable import (Deadline, add_budget_options, last_log_record, load_checkpoint, save_checkpoint,
+                                stored_config)
 from training.train_stylegan2 import add_config_options, configure_device, nan_to_num_grads, train
 
 CARD_FILE = "README.md"
@@ -337,9 +338,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", required=True, help="run folder (checkpoint, log, samples); resumed if present")
     parser.add_argument("--data", help="training archive (training.data); not needed for --minutes 0 --export")
-    parser.add_argument("--minutes", type=float, default=9.0, help="wall-clock budget of this call")
-    parser.add_argument("--reserve-s", type=float, default=45.0, help="stop this long before the budget")
-    parser.add_argument("--steps", type=int, default=None, help="stop after this many steps in this call")
+    add_budget_options(parser)
     parser.add_argument("--log-every", type=int, default=100)
     parser.add_argument("--export", help="write the L2SAE in the bundled format here at the end")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -39,7 +39,8 @@ from core.nets import CONFIG_FILE, WEIGHTS_FILE
 from core.nets.stylegan2 import Generator
 from training.augment import AdaptiveProbability, augment, parse_operations
 from training.discriminator import Discriminator
-from training.resumable import LOG_FILE, Deadline, last_log_record, load_checkpoint, save_checkpoint, stored_config
+from training.resumable import (LOG_FILE, Deadline, add_budget_options, last_log_record, load_checkpoint,
+                                save_checkpoint, stored_config)
 
 SAMPLES_FILE = "samples.png"
 CARD_FILE = "README.md"
@@ -484,9 +485,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", help="training archive (training.data); not needed for --minutes 0 --export")
     parser.add_argument("--split", default=defaults.split)
     parser.add_argument("--label-key", default=None, help="archive label used as conditioning c (e.g. face3dmm)")
-    parser.add_argument("--minutes", type=float, default=9.0, help="wall-clock budget of this call")
-    parser.add_argument("--reserve-s", type=float, default=45.0, help="stop this long before the budget")
-    parser.add_argument("--steps", type=int, default=None, help="stop after this many steps in this call")
+    add_budget_options(parser)
     parser.add_argument("--kimg", type=float, default=None, help="stop when the run has seen this many kimg")
     parser.add_argument("--log-every", type=int, default=100)
     parser.add_argument("--exact-checkpoint", action="store_true",

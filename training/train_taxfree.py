@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 from core.nets import CONFIG_FILE
 from core.nets.face3dmm_estimator import WEIGHTS_FILE, Face3DMMEstimator, load_face3dmm_estimator, parameter_groups
-from training.resumable import Deadline, last_log_record, stored_config
+from training.resumable import Deadline, add_budget_options, last_log_record, stored_config
 from training.train_face3dmm_estimator import grouped_loss
 from training.train_stylegan2 import (CARD_FILE, StyleGAN2Trainer, TrainConfig, TrainingImages,
                                       configure_device, nan_to_num_grads, images_from_archive, train)
@@ -311,9 +311,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", help="training archive (faces128.npz); not needed for --minutes 0 --export")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                         help="TaxFreeConfig/TrainConfig overrides when starting a run, e.g. batch=16 r1_gamma=1")
-    parser.add_argument("--minutes", type=float, default=9.0, help="wall-clock budget of this call")
-    parser.add_argument("--reserve-s", type=float, default=45.0, help="stop this long before the budget")
-    parser.add_argument("--steps", type=int, default=None, help="stop after this many steps in this call")
+    add_budget_options(parser)
     parser.add_argument("--kimg", type=float, default=None, help="stop when the run has seen this many kimg")
     parser.add_argument("--log-every", type=int, default=100)
     parser.add_argument("--render-workers", type=int, default=8, help="processes rendering the 3DMM targets")
