@@ -47,6 +47,7 @@ from core.nets.camera import camera_label
 from core.nets.style_delta import make_style_delta, save_style_delta
 from core.nets.triplane import TriPlaneGenerator
 from training.diffusion_teacher import PHOTO, STYLE, DiffusionTeacher, canny_edges, load_teacher
+from training.eval.metrics import mean_cross_cosine
 from training.resumable import LOG_FILE, Deadline, last_log_record, load_checkpoint, save_checkpoint, stored_config
 
 SAMPLES_FILE = "samples.png"
@@ -280,10 +281,7 @@ class StylizeTrainer:
         frontal = yaws.index(0) if 0 in yaws else 0
 
         def between_people(embedding):
-            front = embedding.reshape(len(seeds), len(yaws), -1)[:, frontal]
-            similarity = front @ front.T
-            off_diagonal = ~torch.eye(len(seeds), dtype=torch.bool, device=similarity.device)
-            return float(similarity[off_diagonal].mean())
+            return mean_cross_cosine(embedding.reshape(len(seeds), len(yaws), -1)[:, frontal].double().cpu().numpy())
 
         return {**strength, "identity_base_vs_stylized": float((embeddings[0] * embeddings[1]).sum(-1).mean()),
                 "identity_between_people_stylized": between_people(embeddings[1]),
