@@ -397,10 +397,10 @@ def _head3d(ctx: Context):
 
 
 def _yaws(count: int) -> tuple[float, ...]:
-    """`count` yaws over +-40 degrees (the tabs' default yaw range)."""
-    from core.pipelines.head3d import view_yaws
+    """`count` yaws over the tabs' default yaw range."""
+    from core.pipelines.head3d import DEFAULT_YAW_RANGE, view_yaws
 
-    return view_yaws(count, 40.0)
+    return view_yaws(count, DEFAULT_YAW_RANGE)
 
 
 def _head3d_views(ctx: Context):
@@ -469,7 +469,7 @@ def _head3d_lattice_notes(value) -> str:
 
 
 def _stylize(views: int, mesh: bool, tab: bool):
-    """`Head3DPipeline.stylize` with the 3D-stylization style from `views` yaws over +-40 degrees (the tab's call,
+    """`Head3DPipeline.stylize` with the 3D-stylization style from `views` yaws over the tabs' range (the tab's call,
     from_pretrained included, when `tab`)."""
     def prepare(ctx: Context):
         yaws = _yaws(views)
