@@ -12,6 +12,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no phone-home from
 import gradio as gr  # noqa: E402
 
 from core.methods import METHODS  # noqa: E402
+from core.outputs import MAX_AGE_S as OUTPUT_MAX_AGE_S  # noqa: E402
 from core.runtime import Runtime  # noqa: E402
 from tabs import about, available_tabs  # noqa: E402
 from tabs.common import EXAMPLES_DIR, MAX_UPLOAD_SIZE  # noqa: E402
@@ -44,7 +45,7 @@ def build_demo(runtime: Runtime) -> gr.Blocks:
     """The whole app: a description, then one tab per available method, then About."""
     titles = {m.key: m.title for m in METHODS}
     tabs = available_tabs(runtime.registry)
-    with gr.Blocks(title=TITLE, delete_cache=(3600, 3600)) as demo:
+    with gr.Blocks(title=TITLE, delete_cache=(int(OUTPUT_MAX_AGE_S), int(OUTPUT_MAX_AGE_S))) as demo:
         gr.Markdown(DESCRIPTION)
         if runtime.device.type == "cpu":
             gr.Markdown("Running on CPU: generation takes seconds rather than milliseconds.")

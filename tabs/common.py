@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import NoReturn, Sequence
 
@@ -10,6 +9,7 @@ import gradio as gr
 import numpy as np
 
 from core.face import DEFAULT_MAX_BYTES, FaceInputError, check_upload
+from core.outputs import new_output_dir
 from core.provenance import Provenance, save_png
 
 MAX_SEED = int(np.iinfo(np.int32).max)
@@ -60,7 +60,7 @@ def raise_user_error(error: Exception) -> NoReturn:
 
 def save_pngs(images: Sequence[np.ndarray], provenance: Provenance | None, stem: str) -> list[str]:
     """Write uint8 images as PNGs carrying `provenance` into a fresh temporary folder; returns their paths."""
-    folder = Path(tempfile.mkdtemp(prefix="face-suite-"))
+    folder = new_output_dir("face-suite-")
     provenance = provenance or Provenance("unknown", "unknown")
     return [str(save_png(image, folder / f"{stem}-{index}.png", provenance)) for index, image in enumerate(images)]
 

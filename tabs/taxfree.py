@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 import gradio as gr
 
 from core.face3dmm import EXPRESSION_NAMES
+from core.outputs import new_output_dir
 from core.pipelines.taxfree import CURATED_EXPRESSIONS, VARIANTS, FaceControls, TaxFreePipeline, average_controls
 from core.runtime import Runtime, gpu
 from core.weights import WeightsError
@@ -95,7 +93,7 @@ def create_tab(runtime: Runtime) -> None:
         try:
             pipeline = TaxFreePipeline.from_pretrained(variants, runtime)
             controls = controls_from(values, None if random_identity_value else identity_value)
-            mesh_path = Path(tempfile.mkdtemp(prefix="face-suite-")) / "face3dmm.glb"
+            mesh_path = new_output_dir("face3dmm-") / "face3dmm.glb"
             result = pipeline(controls, int(seed_value), variants, random_identity=bool(random_identity_value),
                               mesh_path=mesh_path)
         except (WeightsError, ValueError) as error:

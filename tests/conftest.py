@@ -1,22 +1,31 @@
-"""Test settings shared by every test: offline, no analytics, temporary Gradio files."""
+"""Test settings shared by every test: offline, no analytics, temporary Gradio and output files (removed at the
+end of the run)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
-# One temporary Gradio folder for the whole run: a launched app reads it on every request, so it must not change.
-os.environ["GRADIO_TEMP_DIR"] = tempfile.mkdtemp(prefix="gradio-tests-")
+# One temporary folder for the whole run: a launched app reads GRADIO_TEMP_DIR on every request, so it must not
+# change; the suite's own output files (`core.outputs`) go next to it.
+RUN_TEMP = Path(tempfile.mkdtemp(prefix="face-suite-tests-"))
+os.environ["GRADIO_TEMP_DIR"] = str(RUN_TEMP / "gradio")
+os.environ["FACE_SUITE_OUTPUT_DIR"] = str(RUN_TEMP / "outputs")
 
 import pytest  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = REPO_ROOT / "tests" / "fixtures"
 SHARED = REPO_ROOT.parent / "shared"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(RUN_TEMP, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

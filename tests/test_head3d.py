@@ -331,3 +331,14 @@ def test_surface_loss_is_low_for_a_sharp_surface_at_the_rendered_depth_and_high_
     solid_in_front = surface_loss(Field(lambda distance: torch.full_like(distance, 1e3)), None, depth, nearness,
                                   cameras, gap=0.05, rays=16)
     assert solid_in_front.item() > 10  # density in front of the surface is what costs most
+
+
+def test_glb_without_output_dir_goes_to_the_pruned_output_root(pipeline, tmp_path, monkeypatch):
+    monkeypatch.setenv("FACE_SUITE_OUTPUT_DIR", str(tmp_path))
+    monkeypatch.setattr(pipeline, "identity_similarity", lambda original, stylized: np.ones(len(original)))
+    generated = pipeline(seed=1, yaws=(0,), pitches=(0,), turntable_frames=1, mesh_resolution=32, mesh_level=0.0,
+                         face_budget=200)
+    stylized = pipeline.stylize(None, seed=1, yaws=(0,), mesh_resolution=32, mesh_level=0.0, face_budget=200)
+
+    for path in (generated.glb_path, stylized.glb_path):
+        assert path.exists() and path.parent.parent == tmp_path

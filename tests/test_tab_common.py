@@ -7,12 +7,15 @@ import zlib
 from pathlib import Path
 
 import gradio as gr
+import numpy as np
 import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
 from core.face import prepare_face
-from tabs.common import FaceInputError, photo_input, raise_user_error, randomize_seed, require_photo
+from core.provenance import Provenance, read_png_provenance
+from tabs.common import (FaceInputError, photo_input, raise_user_error, randomize_seed, require_photo,
+                         save_pngs)
 
 
 def _png_claiming(width: int, height: int, path):
@@ -69,3 +72,14 @@ def test_seed_randomization():
     assert randomize_seed(5, False) == 5
     assert randomize_seed(-3, False) == 0
     assert 0 <= randomize_seed(5, True) <= 2**31 - 1
+
+
+def test_saved_outputs_go_to_one_pruned_root_with_provenance(tmp_path, monkeypatch):
+    monkeypatch.setenv("FACE_SUITE_OUTPUT_DIR", str(tmp_path))
+    images = [np.full((8, 8, 3), value, np.uint8) for value in (0, 255)]
+
+    paths = [Path(path) for path in save_pngs(images, Provenance("beauty", "model-x"), "view")]
+
+    assert [path.name for path in paths] == ["view-0.png", "view-1.png"]
+    assert paths[0].parent == paths[1].parent and paths[0].parent.parent == tmp_path
+    assert read_png_provenance(paths[1])["model"] == "model-x"

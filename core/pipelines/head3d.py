@@ -21,7 +21,6 @@ stylized PanoHeads converted with `core.convert --base`, see `core.official`) re
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +39,7 @@ from core.nets.camera import EG3D_CAMERA_RADIUS, EG3D_LOOKAT, PANOHEAD_LOOKAT, c
 from core.nets.encoders import build_head3d_encoder
 from core.nets.shape import (OFFICIAL_LEVEL, border_width, colors_from_views, lattice_axis, mesh_from_lattice,
                              vertex_colors)
+from core.outputs import new_output_dir
 from core.provenance import Provenance
 from core.runtime import Runtime
 from core.weights import Registry, WeightsError
@@ -459,7 +459,8 @@ class Head3DPipeline:
                  mesh_level: float = OFFICIAL_LEVEL, face_budget: int = DEFAULT_FACE_BUDGET,
                  output_dir: str | Path | None = None, photo: ImageSource | None = None,
                  refine_steps: int = 0) -> Head3DResult:
-        """Generate one head from `seed` (or the given `ws`, or an inverted `photo`) and render, turn and mesh it."""
+        """Generate one head from `seed` (or the given `ws`, or an inverted `photo`) and render, turn and mesh it;
+        the GLB goes to `output_dir`, else to a fresh `core.outputs` folder (removed after an hour)."""
         yaws, pitches = tuple(float(y) for y in yaws), tuple(float(p) for p in pitches)
         table_yaws = turntable_yaws(turntable_frames)
         timings: dict[str, float] = {}
@@ -484,7 +485,7 @@ class Head3DPipeline:
         glb_path, mesh_faces, warnings = None, None, list(inversion.warnings) if inversion else []
         if mesh:
             start = time.perf_counter()
-            directory = Path(output_dir or tempfile.mkdtemp(prefix="head3d_"))
+            directory = Path(output_dir or new_output_dir("head3d_"))
             stem = f"head3d_seed{seed}" if source == "seed" else f"head3d_{source.replace(' ', '_')}"
             glb_path, mesh_faces, mesh_warnings = self.mesh(ws, directory / f"{stem}.glb", provenance,
                                                             mesh_resolution, mesh_level, face_budget)
@@ -501,7 +502,8 @@ class Head3DPipeline:
                 max_ray_resolution: int | None = None) -> StyleComparison:
         """Render the head of `seed` (or the inverted `photo`) with the original generator and with the registry
         style `style` (None: the original again) from yaws at `pitch` (rays at most `max_ray_resolution` px);
-        identity cosine per view; stylized GLB. A photo goes through the style's own encoder when it ships one."""
+        identity cosine per view; stylized GLB (in `output_dir`, else a fresh `core.outputs` folder). A photo goes
+        through the style's own encoder when it ships one."""
         views = tuple((float(yaw), float(pitch)) for yaw in yaws)
         timings: dict[str, float] = {}
         started = time.perf_counter()
@@ -548,7 +550,7 @@ class Head3DPipeline:
         glb_path, mesh_faces, warnings = None, None, list(inversion.warnings) if inversion else []
         if mesh:
             start = time.perf_counter()
-            directory = Path(output_dir or tempfile.mkdtemp(prefix="stylize3d_"))
+            directory = Path(output_dir or new_output_dir("stylize3d_"))
             shown = RenderedViews(torch.cat([self.camera(yaw, pitch) for yaw, pitch in views]), stylized, depths)
             glb_path, mesh_faces, mesh_warnings = styled.mesh(ws, directory / f"{style or 'original'}.glb",
                                                               provenance, mesh_resolution, mesh_level, face_budget,
