@@ -6,7 +6,9 @@
 With `--card`, the generator's model card gets (or has replaced) an "Evaluation (eval_head3d)" section with the
 metrics against the issue's targets.
 
-* `face_detection_rate`: fraction of renders (seeds x yaw -40, -20, 0, 20, 40) in which `core.face` finds a face.
+* `face_detection_rate`: fraction of renders (seeds x yaw -40, -20, 0, 20, 40) in which `core.face` finds a face;
+  `face_detection_by_yaw` the same per yaw. Seeds are mapped as the pipeline maps them (`conditioning`: frontal, or
+  cameras drawn from the generator's training pose distribution).
   Renders smaller than 128 px (the 64-px CPU preview) are upsampled bicubically to 128 px for every detection.
 * `identity_consistency`: identity cosine of each seed's frontal render to its yaw -30 and +30 renders (mean).
 * `same_person_rate`: fraction of seeds whose frontal, -30 and +30 renders all show a detected face and whose turned
@@ -57,6 +59,9 @@ NOSE_TIP, RIGHT_CHEEK, LEFT_CHEEK = 1, 50, 280  # MediaPipe face-mesh indices
 # (x, y) of the nose tip and the cheeks in an FFHQ-aligned crop, as fractions of its side
 ALIGNED_NOSE_AND_CHEEKS = ((0.5, 0.56), (0.35, 0.55), (0.65, 0.55))
 DETECTION_MIN_SIDE = 128  # MediaPipe misses most faces in 64-px images
+CONDITIONING_NOTES = {"frontal": "the frontal conditioning camera",
+                      "training pose distribution": "conditioning cameras drawn from the training pose distribution, "
+                                                    "as the pipeline does (`conditioning_pose`)"}
 
 
 def detect(image: np.ndarray) -> list:
@@ -131,6 +136,10 @@ def generator_metrics(pipeline: Head3DPipeline, test_crops: list[np.ndarray], se
     metrics: dict[str, Any] = {
         "seeds": seeds,
         "face_detection_rate": float(np.mean(detected)),
+        "face_detection_by_yaw": {f"{yaw:g}": float(np.mean(detected[index::len(DETECTION_YAWS)]))
+                                  for index, yaw in enumerate(DETECTION_YAWS)},
+        "conditioning": ("training pose distribution" if pipeline.generator.rendering_kwargs.get("conditioning_pose")
+                         else "frontal"),
         "identity_consistency": float(np.mean(consistency)),
         "same_person_rate": float(np.mean(same_person)),
         "nose_in_front_rate": float(np.mean([margin > 0 for margin in margins])),
@@ -157,6 +166,12 @@ def card_section(metrics: dict[str, Any]) -> str:
     rows = [
         ("face detected, yaw -40..40 (5 views per head)", f"{metrics['face_detection_rate']:.1%}", ">= 95 %",
          check(metrics["face_detection_rate"] >= 0.95)),
+    ]
+    if "face_detection_by_yaw" in metrics:
+        by_yaw = metrics["face_detection_by_yaw"]
+        rows.append((f"face detected at yaw {' / '.join(by_yaw)}",
+                     " / ".join(f"{rate:.0%}" for rate in by_yaw.values()), "reported", ""))
+    rows += [
         ("identity cosine frontal vs ±30°", f"{metrics['identity_consistency']:.3f}", "reported", ""),
         ("same person frontal vs ±30° (dlib distance < 0.6, faces detected)", f"{metrics['same_person_rate']:.1%}",
          "most heads", check(metrics["same_person_rate"] > 0.5)),
@@ -178,7 +193,8 @@ def card_section(metrics: dict[str, Any]) -> str:
         ]
     rows += inversion_rows(metrics)
     lines = ["", "## Evaluation (eval_head3d)", "",
-             f"`python -m training.eval_head3d` on {metrics['seeds']} seeds (truncation 0.7); renders smaller than "
+             f"`python -m training.eval_head3d` on {metrics['seeds']} seeds (truncation 0.7, mapped with "
+             + CONDITIONING_NOTES[metrics.get("conditioning", "frontal")] + "); renders smaller than "
              f"{DETECTION_MIN_SIDE} px are upsampled to it for face detection.", "",
              "| metric | value | target | |", "|---|---|---|---|"]
     lines += [f"| {name} | {value} | {target} | {ok} |" for name, value, target, ok in rows]

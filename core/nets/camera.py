@@ -110,3 +110,40 @@ def camera_label(
         math.pi / 2 + math.radians(yaw_deg), math.pi / 2 + math.radians(pitch_deg), lookat=lookat, radius=radius
     )
     return make_label(pose, fov_to_intrinsics(fov_deg))
+
+
+def camera_angles(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(yaws, pitches) in degrees [N] of camera labels [N, 25] made by `camera_label` (any radius and look-at): the
+    inverse of its orbit around the world origin, including the official sampler's arccos mapping of the pitch."""
+    centres = torch.as_tensor(labels, dtype=torch.float32).reshape(-1, 25)[:, [3, 7, 11]]
+    radius = centres.norm(dim=1)
+    yaws = torch.rad2deg(torch.atan2(centres[:, 0], centres[:, 2]))
+    pitches = torch.rad2deg(-math.pi / 2 * centres[:, 1] / radius)
+    return yaws, pitches
+
+
+def conditioning_poses(normals, distribution: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(yaws, pitches) in degrees [N] of the cameras that N latents are mapped with, from standard normals [N, 2].
+
+    Without a `distribution` every latent is mapped with the frontal camera (0, 0), the official convention. A
+    generator whose mapping learned to read identity from its conditioning camera (our CPU preview,
+    `weights/head3d_faces64/README.md`) makes near-identical heads that way; its config's
+    `rendering_kwargs["conditioning_pose"]` = {"yaw_mean", "yaw_std", "pitch_mean", "pitch_std", "max_sigmas"}
+    holds the training cameras' pose distribution (degrees), and latents are mapped with cameras drawn from it, the
+    normals clipped to +-max_sigmas.
+    """
+    normals = torch.as_tensor(normals, dtype=torch.float32).reshape(-1, 2)
+    if not distribution:
+        return torch.zeros(len(normals)), torch.zeros(len(normals))
+    limit = float(distribution["max_sigmas"])
+    normals = normals.clamp(-limit, limit)
+    return (float(distribution["yaw_mean"]) + normals[:, 0] * float(distribution["yaw_std"]),
+            float(distribution["pitch_mean"]) + normals[:, 1] * float(distribution["pitch_std"]))
+
+
+def conditioning_cameras(normals, distribution: dict | None, radius: float = EG3D_CAMERA_RADIUS,
+                         lookat: Sequence[float] = EG3D_LOOKAT) -> torch.Tensor:
+    """[N, 25] labels of the conditioning cameras of `conditioning_poses(normals, distribution)`."""
+    yaws, pitches = conditioning_poses(normals, distribution)
+    return torch.cat([camera_label(float(yaw), float(pitch), radius=radius, lookat=lookat)
+                      for yaw, pitch in zip(yaws, pitches)])
