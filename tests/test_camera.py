@@ -10,10 +10,7 @@ import torch
 from core.nets.camera import (
     EG3D_LOOKAT,
     PANOHEAD_LOOKAT,
-    camera_angles,
     camera_label,
-    conditioning_cameras,
-    conditioning_poses,
     fov_to_focal,
     fov_to_intrinsics,
     look_at_pose,
@@ -89,28 +86,3 @@ def test_jitter_uses_generator():
     b = look_at_pose(math.pi / 2, math.pi / 2, horizontal_stddev=0.3, batch_size=4, generator=torch.Generator().manual_seed(5))
     assert torch.equal(a, b)
     assert not torch.allclose(a[0], a[1])
-
-
-@pytest.mark.parametrize("lookat, radius", [(EG3D_LOOKAT, 2.7), (PANOHEAD_LOOKAT, 3.1)])
-def test_camera_angles_invert_camera_label(lookat, radius):
-    angles = [(0.0, 0.0), (21.6, -21.6), (-47.9, 12.0), (90.0, 30.0)]
-    labels = torch.cat([camera_label(yaw, pitch, radius=radius, lookat=lookat) for yaw, pitch in angles])
-
-    yaws, pitches = camera_angles(labels)
-
-    torch.testing.assert_close(yaws, torch.tensor([yaw for yaw, _ in angles]), atol=1e-3, rtol=0)
-    torch.testing.assert_close(pitches, torch.tensor([pitch for _, pitch in angles]), atol=1e-3, rtol=0)
-
-
-def test_conditioning_poses_frontal_without_distribution_else_drawn_and_clipped():
-    normals = torch.tensor([[0.0, 0.0], [1.0, -1.0], [5.0, -5.0]])
-    yaws, pitches = conditioning_poses(normals, None)
-    assert not yaws.any() and not pitches.any()
-    torch.testing.assert_close(conditioning_cameras(normals[:1], None), camera_label(0, 0))
-
-    distribution = {"yaw_mean": 1.0, "yaw_std": 10.0, "pitch_mean": -5.0, "pitch_std": 4.0, "max_sigmas": 2.0}
-    yaws, pitches = conditioning_poses(normals, distribution)
-    torch.testing.assert_close(yaws, torch.tensor([1.0, 11.0, 21.0]))  # the third normal is clipped to 2 sigmas
-    torch.testing.assert_close(pitches, torch.tensor([-5.0, -9.0, -13.0]))
-    torch.testing.assert_close(conditioning_cameras(normals, distribution, radius=3.0, lookat=PANOHEAD_LOOKAT)[1:2],
-                               camera_label(11.0, -9.0, radius=3.0, lookat=PANOHEAD_LOOKAT))

@@ -13,7 +13,6 @@ from training.resumable import Deadline
 from training.train_head3d import (
     PRIOR_FILE,
     Head3DConfig,
-    conditioning_pose_distribution,
     Head3DTrainer,
     HeadTrainingData,
     geometry_prior,
@@ -294,7 +293,8 @@ def test_eval_card_section_checks_the_targets_and_small_renders_are_upsampled_fo
     faces = detect(small)
     assert faces and faces[0].landmarks[:, 0].max() > 64  # landmarks in the 128-px upsampled frame
     metrics = dict(seeds=8, face_detection_rate=0.975, identity_consistency=0.81, same_person_rate=0.25,
-                   nose_in_front_rate=1.0, nose_depth_margin=0.012, fd_id=1.5, test_crops=20)
+                   nose_in_front_rate=1.0, nose_depth_margin=0.012, fd_id=1.5, test_crops=20,
+                   face_detection_by_yaw={"-40": 0.875, "0": 1.0, "40": 0.75})
     card = tmp_path / "README.md"
     card.write_text("# head\n\n## Evaluation (eval_head3d)\n\nold\n")
     write_card_section(card, card_section(metrics), key="Evaluation (eval_head3d)")
@@ -304,6 +304,7 @@ def test_eval_card_section_checks_the_targets_and_small_renders_are_upsampled_fo
     assert rows["face detected, yaw -40..40 (5 views per head)"].endswith("✓ |")
     assert rows["same person frontal vs ±30° (dlib distance < 0.6, faces detected)"].endswith("✗ |")
     assert "97.5%" in text and "+0.0120" in text
+    assert rows["face detected at yaw -40 / 0 / 40"].startswith("| face detected at yaw -40 / 0 / 40 | 88% / 100% / 75% |")
 
 
 def test_surface_loss_is_low_for_a_sharp_surface_at_the_rendered_depth_and_high_for_fog():
@@ -343,43 +344,3 @@ def test_glb_without_output_dir_goes_to_the_pruned_output_root(pipeline, tmp_pat
 
     for path in (generated.glb_path, stylized.glb_path):
         assert path.exists() and path.parent.parent == tmp_path
-
-
-def test_conditioning_pose_distribution_of_mirrored_training_cameras():
-    yaws, pitches = (-30.0, 10.0, 20.0), (-10.0, 0.0, 4.0)
-    cameras = torch.cat([camera_label(yaw * sign, pitch) for sign in (1, -1) for yaw, pitch in zip(yaws, pitches)])
-
-    distribution = conditioning_pose_distribution(cameras)
-
-    assert distribution["yaw_mean"] == 0.0 and distribution["max_sigmas"] == 2.0
-    assert distribution["yaw_std"] == pytest.approx(float(torch.tensor(yaws + tuple(-y for y in yaws)).std()), abs=1e-2)
-    assert distribution["pitch_mean"] == pytest.approx(-2.0, abs=1e-2)
-    assert distribution["pitch_std"] == pytest.approx(float(torch.tensor(pitches * 2).std()), abs=1e-2)
-
-
-def test_cli_exports_the_training_cameras_pose_distribution(tmp_path, monkeypatch):
-    import training.train_head3d as module
-
-    Head3DTrainer(TINY, _tiny_data()).save(tmp_path / "run")
-    monkeypatch.setattr(module, "load_training_data", lambda *args: _tiny_data())  # yaws -20, 0, 20 and mirrored
-    main(["--run", str(tmp_path / "run"), "--data", "faces.npz", "--minutes", "0", "--export",
-          str(tmp_path / "export"), "--device", "cpu"])
-
-    exported = load_generator(tmp_path / "export").rendering_kwargs["conditioning_pose"]
-    assert exported["yaw_mean"] == 0.0 and exported["pitch_mean"] == 0.0 and exported["pitch_std"] == 0.0
-    assert exported["yaw_std"] == pytest.approx(float(torch.tensor([-20.0, 0, 20, 20, 0, -20]).std()), abs=1e-2)
-
-
-def test_seed_latents_use_the_generators_conditioning_pose_distribution(pipeline, monkeypatch):
-    seed, z_dim = 7, pipeline.generator.z_dim
-    numbers = np.random.RandomState(seed)
-    z = torch.from_numpy(numbers.randn(1, z_dim)).float()
-    frontal = pipeline.generator.mapping(z, pipeline.camera(0, 0), truncation_psi=0.7)
-    torch.testing.assert_close(pipeline.latent(seed), frontal)  # no distribution: the official frontal convention
-
-    distribution = {"yaw_mean": 0.0, "yaw_std": 15.0, "pitch_mean": -5.0, "pitch_std": 10.0, "max_sigmas": 2.0}
-    monkeypatch.setitem(pipeline.generator.rendering_kwargs, "conditioning_pose", distribution)
-    yaw, pitch = np.clip(numbers.randn(2), -2, 2) * (15.0, 10.0) + (0.0, -5.0)
-    drawn = pipeline.generator.mapping(z, pipeline.camera(yaw, pitch), truncation_psi=0.7)
-    torch.testing.assert_close(pipeline.latent(seed), drawn)  # z is still the seed's first z_dim normals
-    assert not torch.allclose(pipeline.latent(seed), frontal)

@@ -240,21 +240,3 @@ def test_cli_runs_over_a_named_base_and_resumes(tmp_path):
     assert config_json["base"] == "head3d-faces64" and config_json["steps"] == 2
     assert set(config_json["metrics"]) == {"heads", "style_strength"} and config_json["metrics"]["heads"] == 2
     assert config_json["metrics"]["style_strength"] > 0
-
-
-def test_distillation_latents_are_conditioned_like_the_pipelines_seeds():
-    from core.nets.camera import camera_label, conditioning_cameras
-
-    base, teacher, config = _tiny_setup("ld")
-    trainer = StylizeTrainer(config, base, teacher, None)
-    z, normals, *_ = trainer._draw()
-    assert not normals.any()  # a base without a pose distribution: frontal, as before
-    frontal = base.mapping(z, camera_label(0, 0).expand(len(z), -1), truncation_psi=config.truncation_psi)
-    torch.testing.assert_close(trainer.latents(z, normals), frontal)
-
-    distribution = {"yaw_mean": 0.0, "yaw_std": 15.0, "pitch_mean": -5.0, "pitch_std": 10.0, "max_sigmas": 2.0}
-    base.rendering_kwargs["conditioning_pose"] = distribution  # trainer.frozen is the base
-    z, normals, *_ = trainer._draw()
-    assert normals.abs().sum() > 0
-    expected = base.mapping(z, conditioning_cameras(normals, distribution), truncation_psi=config.truncation_psi)
-    torch.testing.assert_close(trainer.latents(z, normals), expected)

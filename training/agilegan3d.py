@@ -56,7 +56,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from core.nets import CONFIG_FILE, WEIGHTS_FILE, load_generator
-from core.nets.camera import camera_label, conditioning_cameras
+from core.nets.camera import camera_label
 from core.nets.encoders import Head3DEncoder, build_head3d_encoder
 from core.nets.style_delta import apply_style_delta, build_style_delta, make_style_delta, save_style_delta
 from training.data.archive import pack_bytes, read_archive
@@ -389,12 +389,9 @@ def run_augment_stage(run: Path, agile: AgileConfig, base2d: str | Path, base3d:
         count = min(agile.augment_batch, agile.augment_count - len(blobs))
         generator, yaw, pitch = camera_batch(agile, len(blobs), count)
         z = torch.randn([count, head.z_dim], generator=generator).to(device)
-        distribution = head.rendering_kwargs.get("conditioning_pose")  # as the pipeline conditions seeds
-        normals = torch.randn([count, 2], generator=generator) if distribution else torch.zeros([count, 2])
-        conditioning = conditioning_cameras(normals, distribution).to(device)
         cameras = torch.cat([camera_label(float(y), float(p)) for y, p in zip(yaw, pitch)]).to(device)
         with torch.no_grad():
-            ws = head.mapping(z, conditioning, truncation_psi=agile.truncation_psi)
+            ws = head.mapping(z, camera_label(0, 0).to(device).expand(count, -1), truncation_psi=agile.truncation_psi)
             renders = head.synthesis(ws, cameras, noise_mode="const", deterministic=True)["image"].clamp(-1, 1)
         codes = project_to_w(base, renders, agile.projection_steps, agile.projection_lr)
         with torch.no_grad():

@@ -7,8 +7,7 @@ With `--card`, the generator's model card gets (or has replaced) an "Evaluation 
 metrics against the issue's targets.
 
 * `face_detection_rate`: fraction of renders (seeds x yaw -40, -20, 0, 20, 40) in which `core.face` finds a face;
-  `face_detection_by_yaw` the same per yaw. Seeds are mapped as the pipeline maps them (`conditioning`: frontal, or
-  cameras drawn from the generator's training pose distribution).
+  `face_detection_by_yaw` the same per yaw.
   Renders smaller than 128 px (the 64-px CPU preview) are upsampled bicubically to 128 px for every detection.
 * `identity_consistency`: identity cosine of each seed's frontal render to its yaw -30 and +30 renders (mean).
 * `same_person_rate`: fraction of seeds whose frontal, -30 and +30 renders all show a detected face and whose turned
@@ -59,9 +58,6 @@ NOSE_TIP, RIGHT_CHEEK, LEFT_CHEEK = 1, 50, 280  # MediaPipe face-mesh indices
 # (x, y) of the nose tip and the cheeks in an FFHQ-aligned crop, as fractions of its side
 ALIGNED_NOSE_AND_CHEEKS = ((0.5, 0.56), (0.35, 0.55), (0.65, 0.55))
 DETECTION_MIN_SIDE = 128  # MediaPipe misses most faces in 64-px images
-CONDITIONING_NOTES = {"frontal": "the frontal conditioning camera",
-                      "training pose distribution": "conditioning cameras drawn from the training pose distribution, "
-                                                    "as the pipeline does (`conditioning_pose`)"}
 
 
 def detect(image: np.ndarray) -> list:
@@ -138,8 +134,6 @@ def generator_metrics(pipeline: Head3DPipeline, test_crops: list[np.ndarray], se
         "face_detection_rate": float(np.mean(detected)),
         "face_detection_by_yaw": {f"{yaw:g}": float(np.mean(detected[index::len(DETECTION_YAWS)]))
                                   for index, yaw in enumerate(DETECTION_YAWS)},
-        "conditioning": ("training pose distribution" if pipeline.generator.rendering_kwargs.get("conditioning_pose")
-                         else "frontal"),
         "identity_consistency": float(np.mean(consistency)),
         "same_person_rate": float(np.mean(same_person)),
         "nose_in_front_rate": float(np.mean([margin > 0 for margin in margins])),
@@ -193,8 +187,7 @@ def card_section(metrics: dict[str, Any]) -> str:
         ]
     rows += inversion_rows(metrics)
     lines = ["", "## Evaluation (eval_head3d)", "",
-             f"`python -m training.eval_head3d` on {metrics['seeds']} seeds (truncation 0.7, mapped with "
-             + CONDITIONING_NOTES[metrics.get("conditioning", "frontal")] + "); renders smaller than "
+             f"`python -m training.eval_head3d` on {metrics['seeds']} seeds (truncation 0.7); renders smaller than "
              f"{DETECTION_MIN_SIDE} px are upsampled to it for face detection.", "",
              "| metric | value | target | |", "|---|---|---|---|"]
     lines += [f"| {name} | {value} | {target} | {ok} |" for name, value, target, ok in rows]

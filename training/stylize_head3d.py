@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from core.beauty import load_identity_encoder
 from core.identity import IdentityEncoder
 from core.nets import load_generator
-from core.nets.camera import camera_label, conditioning_cameras
+from core.nets.camera import camera_label
 from core.nets.style_delta import make_style_delta, save_style_delta
 from core.nets.triplane import TriPlaneGenerator
 from training.diffusion_teacher import PHOTO, STYLE, DiffusionTeacher, canny_edges, load_teacher
@@ -161,42 +161,28 @@ class StylizeTrainer:
                                           betas=(0.9, 0.99))
         self.step_count = 0
 
-    def _noise(self, count: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """(z [count, z_dim], conditioning normals [count, 2]; zeros when the base maps every seed frontally)."""
-        z = torch.randn([count, self.frozen.z_dim], generator=generator)
-        if not self.frozen.rendering_kwargs.get("conditioning_pose"):
-            return z, torch.zeros([count, 2])
-        return z, torch.randn([count, 2], generator=generator)
-
-    def _seed_noise(self, seeds) -> tuple[torch.Tensor, torch.Tensor]:
-        """`_noise` of one generator per seed, stacked."""
-        pairs = [self._noise(1, torch.Generator().manual_seed(seed)) for seed in seeds]
-        return torch.cat([z for z, _ in pairs]), torch.cat([normals for _, normals in pairs])
-
-    def _draw(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(z [B, z_dim], conditioning normals [B, 2], yaws [B*4], pitches [B*4], t [B]) from (seed, step) only:
-        stratified yaws per grid."""
+    def _draw(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(z [B, z_dim], yaws [B*4], pitches [B*4], t [B]) from (seed, step) only: stratified yaws per grid."""
         cfg = self.config
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step_count)
-        z, normals = self._noise(cfg.batch, generator)
+        z = torch.randn([cfg.batch, self.frozen.z_dim], generator=generator)
         strata = torch.arange(GRID_VIEWS).repeat(cfg.batch)
         yaws = ((strata + torch.rand(len(strata), generator=generator)) / GRID_VIEWS * 2 - 1) * cfg.yaw_range
         pitches = (torch.rand(len(strata), generator=generator) * 2 - 1) * cfg.pitch_range
         steps = self.teacher.config.timesteps
         t = (torch.rand(cfg.batch, generator=generator) * (cfg.t_max - cfg.t_min) + cfg.t_min) * (steps - 1)
-        return z.to(self.device), normals, yaws, pitches, t.round().long().to(self.device)
+        return z.to(self.device), yaws, pitches, t.round().long().to(self.device)
 
-    def latents(self, z: torch.Tensor, normals: torch.Tensor) -> torch.Tensor:
-        """ws of z through the (frozen) mapping with the run's truncation, conditioned as the pipeline conditions
-        seeds (`core.nets.camera.conditioning_cameras` of the base's pose distribution; frontal without one)."""
-        conditioning = conditioning_cameras(normals, self.frozen.rendering_kwargs.get("conditioning_pose"))
-        return self.frozen.mapping(z, conditioning.to(self.device), truncation_psi=self.config.truncation_psi)
+    def latents(self, z: torch.Tensor) -> torch.Tensor:
+        """ws of z through the (frozen) mapping with frontal conditioning and the run's truncation."""
+        frontal = camera_label(0, 0).to(self.device).expand(len(z), -1)
+        return self.frozen.mapping(z, frontal, truncation_psi=self.config.truncation_psi)
 
     def step(self) -> dict[str, float]:
         """One distillation update; returns scalar stats."""
         cfg = self.config
-        z, normals, yaws, pitches, t = self._draw()
-        ws = self.latents(z, normals).repeat_interleave(GRID_VIEWS, 0)
+        z, yaws, pitches, t = self._draw()
+        ws = self.latents(z).repeat_interleave(GRID_VIEWS, 0)
         tile = self.teacher.config.resolution
 
         def to_tiles(images):
@@ -263,8 +249,9 @@ class StylizeTrainer:
         """Rows per seed: base then stylized renders at `yaws` (columns), one PNG."""
         from PIL import Image
 
-        z, normals = self._seed_noise(seeds)
-        ws = self.latents(z.to(self.device), normals).repeat_interleave(len(yaws), 0)
+        z = torch.stack([torch.randn([self.frozen.z_dim], generator=torch.Generator().manual_seed(s))
+                         for s in seeds]).to(self.device)
+        ws = self.latents(z).repeat_interleave(len(yaws), 0)
         yaw_list = torch.tensor(yaws, dtype=torch.float32).repeat(len(seeds))
         rows = [render_views(g.eval(), ws, yaw_list, torch.zeros_like(yaw_list))["image"]
                 for g in (self.frozen, self.tuned)]
@@ -280,8 +267,9 @@ class StylizeTrainer:
         """Style strength (mean absolute change of the renders, in [0, 1]) and identity cosines: base vs stylized
         render of each (seed, yaw) (high = identity kept), and between the frontal renders of different seeds,
         stylized and base (low = no mode collapse). Without an identity network only the strength."""
-        z, normals = self._seed_noise([1000 + s for s in seeds])
-        ws = self.latents(z.to(self.device), normals).repeat_interleave(len(yaws), 0)
+        z = torch.stack([torch.randn([self.frozen.z_dim], generator=torch.Generator().manual_seed(1000 + s))
+                         for s in seeds]).to(self.device)
+        ws = self.latents(z).repeat_interleave(len(yaws), 0)
         yaw_list = torch.tensor(yaws, dtype=torch.float32).repeat(len(seeds))
         pitches = torch.zeros_like(yaw_list)
         images = [render_views(g.eval(), ws, yaw_list, pitches)["image"].clamp(-1, 1) for g in (self.frozen, self.tuned)]

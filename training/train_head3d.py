@@ -7,9 +7,7 @@ Recipe (EG3D / PanoHead at small scale):
 * Generator: tri-grid (depth 2) of 64^2 planes, neural rendering at 64^2 (24 + 24 samples per ray), Hybrid2X
   super-resolution to 128 px, `torgb` raw image, background network, `t_mapping` camera-translation offset (L2
   `translation_reg`). Pose-conditioned mapping (c_scale 1) with EG3D's generator pose conditioning swap: with
-  probability `gpc_prob` the mapping sees another training camera than the one rendered. The export records the
-  training cameras' pose distribution (`conditioning_pose`): the 64-px CPU preview learned to read much of a
-  head's identity from its conditioning camera, so seeds are mapped with cameras drawn from it, not the frontal one.
+  probability `gpc_prob` the mapping sees another training camera than the one rendered.
 * Discriminator: `training.discriminator.Discriminator` on 6 channels (final image + raw image upsampled to 128
   px; reals: the image resized down to the neural rendering resolution and up again), projection-conditioned on the
   25-float camera label. Non-saturating loss, lazy R1 on both real channels, ADA-controlled augmentation of
@@ -53,7 +51,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from core.nets import CONFIG_FILE, WEIGHTS_FILE
-from core.nets.camera import camera_angles, camera_label
+from core.nets.camera import camera_label
 from core.nets.triplane import TriPlaneGenerator
 from core.nets.volume_rendering import sample_rays
 from training.augment import AdaptiveProbability, augment, parse_operations
@@ -113,9 +111,6 @@ class Head3DConfig:
     seed: int = 0
     data: str | None = None
     split: str | None = "train"
-    # the training cameras' pose distribution, set from the data (`conditioning_pose_distribution`); exported in
-    # rendering_kwargs so that seeds are mapped with cameras drawn from it (`core.nets.camera.conditioning_poses`)
-    conditioning_pose: dict | None = None
 
     @property
     def superresolution_variant(self) -> str:
@@ -134,8 +129,7 @@ class Head3DConfig:
                     c_gen_conditioning_zero=False, c_scale=1.0, superresolution_noise_mode="none",
                     density_reg=0.0, decoder_lr_mul=1.0, sr_antialias=True, depth_resolution=self.depth_samples,
                     depth_resolution_importance=self.importance_samples, ray_start=2.25, ray_end=3.3,
-                    box_warp=1.0, avg_camera_radius=2.7, avg_camera_pivot=[0, 0, 0.2],
-                    **({"conditioning_pose": self.conditioning_pose} if self.conditioning_pose else {}))
+                    box_warp=1.0, avg_camera_radius=2.7, avg_camera_pivot=[0, 0, 0.2])
 
     def generator_kwargs(self) -> dict[str, Any]:
         """`TriPlaneGenerator` constructor kwargs (the `init_kwargs` of the exported config.json)."""
@@ -197,17 +191,6 @@ def geometry_prior(face3dmm: np.ndarray, resolution: int) -> np.ndarray:
         depth = (nearness[model.triangles[triangle.clamp_min(0)]] * bary).sum(-1)
         out[index] = torch.where(covered, depth, torch.nan).numpy().astype(np.float16)
     return out
-
-
-def conditioning_pose_distribution(cameras: torch.Tensor, max_sigmas: float = 2.0) -> dict[str, float]:
-    """Mean and standard deviation (degrees) of the yaw and pitch of training camera labels [N, 25] (mirrored
-    copies included when the run mirrors), and the clip of the normals: the `conditioning_pose` of the export."""
-    yaws, pitches = camera_angles(cameras)
-    def rounded(value):
-        return round(float(value), 3) + 0.0  # no -0.0
-
-    return {"yaw_mean": rounded(yaws.mean()), "yaw_std": rounded(yaws.std()), "pitch_mean": rounded(pitches.mean()),
-            "pitch_std": rounded(pitches.std()), "max_sigmas": max_sigmas}
 
 
 def load_training_data(path: str | Path, split: str | None, prior_path: Path, prior_resolution: int):
@@ -535,7 +518,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--exact-checkpoint", action="store_true", help="store float32 weights and moments")
     parser.add_argument("--export", help="write G_ema in the bundled format here at the end")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    add_config_options(parser, Head3DConfig, skip=("data", "split", "resolution", "conditioning_pose"))
+    add_config_options(parser, Head3DConfig, skip=("data", "split", "resolution"))
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -555,9 +538,7 @@ def main(argv: list[str] | None = None) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         data_path = args.data or config.data
         data = load_training_data(data_path, config.split, run_dir / PRIOR_FILE, config.prior_resolution)
-        cameras = torch.cat([data.cameras, data.mirrored_cameras]) if config.mirror else data.cameras
-        config = dataclasses.replace(config, data=str(data_path), resolution=data.images.shape[-1],
-                                     conditioning_pose=conditioning_pose_distribution(cameras))
+        config = dataclasses.replace(config, data=str(data_path), resolution=data.images.shape[-1])
         print(f"{data.images.shape[0]} training images of {config.resolution} px", flush=True)
     trainer = Head3DTrainer(config, data, device)
     trainer.load(run_dir)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from core.nets import CONFIG_FILE, WEIGHTS_FILE, load_generator
-from core.nets.camera import camera_label, conditioning_cameras
+from core.nets.camera import camera_label
 from core.nets.encoders import Head3DEncoder, head3d_encoder_config
 from training.resumable import Deadline, last_log_record, load_checkpoint, save_checkpoint, stored_config
 from training.train_encoder import train
@@ -133,11 +133,9 @@ class Head3DEncoderTrainer:
             images.append(torch.where(mirror.view(-1, 1, 1, 1), crops.flip(-1), crops))
             cameras.append(torch.where(mirror[:, None], self.mirrored_cameras[index], self.cameras[index]))
         z = torch.randn([synthetic, self.generator.z_dim], generator=generator).to(self.device)
-        distribution = self.generator.rendering_kwargs.get("conditioning_pose")  # as the pipeline conditions seeds
-        normals = torch.randn([synthetic, 2], generator=generator) if distribution else torch.zeros([synthetic, 2])
         with torch.no_grad():
-            conditioning = conditioning_cameras(normals, distribution, self.radius, self.pivot).to(self.device)
-            ws_true = self.generator.mapping(z, conditioning, truncation_psi=cfg.truncation_psi)
+            frontal = camera_label(0, 0, radius=self.radius, lookat=self.pivot).to(self.device)
+            ws_true = self.generator.mapping(z, frontal.expand(synthetic, -1), truncation_psi=cfg.truncation_psi)
             if synthetic:
                 synthetic_cameras = self._cameras(synthetic, generator)
                 images.append(render(self.generator, ws_true, synthetic_cameras).clamp(-1, 1))

@@ -35,8 +35,7 @@ from core.face import ImageSource, prepare_face
 from core.identity import IdentityEncoder, cosine_similarity, image_to_tensor
 from core.mesh import DEFAULT_FACE_BUDGET, export_glb, sparse_density_lattice
 from core.nets import GENERATOR_KINDS, generator_from_config
-from core.nets.camera import (EG3D_CAMERA_RADIUS, EG3D_LOOKAT, PANOHEAD_LOOKAT, camera_label,
-                              conditioning_cameras)
+from core.nets.camera import EG3D_CAMERA_RADIUS, EG3D_LOOKAT, PANOHEAD_LOOKAT, camera_label
 from core.nets.encoders import build_head3d_encoder
 from core.nets.shape import (OFFICIAL_LEVEL, border_width, colors_from_views, lattice_axis, mesh_from_lattice,
                              vertex_colors)
@@ -291,16 +290,9 @@ class Head3DPipeline:
             self.runtime.device)
 
     def latent(self, seed: int, truncation_psi: float = 0.7) -> torch.Tensor:
-        """ws [1, num_ws, w_dim] of `seed` with truncation psi: z = the seed's first z_dim normals, mapped with the
-        frontal camera, or, when the generator's config gives a conditioning pose distribution, with a camera
-        drawn from it by the seed's next two normals (`core.nets.camera.conditioning_poses`)."""
-        numbers = np.random.RandomState(seed)
-        z = torch.from_numpy(numbers.randn(1, self.generator.z_dim)).float()
-        distribution = self.generator.rendering_kwargs.get("conditioning_pose")
-        conditioning = conditioning_cameras(numbers.randn(1, 2) if distribution else np.zeros((1, 2)), distribution,
-                                            radius=self.camera_radius, lookat=self.camera_pivot)
-        return self.generator.mapping(z.to(self.runtime.device), conditioning.to(self.runtime.device),
-                                      truncation_psi=truncation_psi)
+        """ws [1, num_ws, w_dim] of `seed` mapped with the frontal conditioning camera and truncation psi."""
+        z = torch.from_numpy(np.random.RandomState(seed).randn(1, self.generator.z_dim)).float()
+        return self.generator.mapping(z.to(self.runtime.device), self.camera(0, 0), truncation_psi=truncation_psi)
 
     def render_views(self, ws: torch.Tensor, views: list[tuple[float, float]],
                      max_ray_resolution: int | None = None, with_depth: bool = False):
