@@ -122,6 +122,44 @@ def test_cli_export_only_uses_stored_config(tmp_path):
     assert load_generator(tmp_path / "export").backbone.mapping.z_dim == TINY.z_dim
 
 
+def test_mapping_only_fine_tune_with_frontal_conditioning_keeps_the_rest_of_g(tmp_path):
+    config = dataclasses.replace(TINY, generator_conditioning="frontal", trainable="backbone.mapping")
+    trainer = Head3DTrainer(config, _tiny_data())
+    cameras, conditioning, _ = trainer._fake_cameras(2)
+    assert torch.equal(conditioning, camera_label(0, 0).expand(len(cameras), -1))
+    assert not torch.equal(cameras, conditioning)  # the rendered cameras are still the data's
+    before = {k: v.detach().clone() for k, v in trainer.G.named_parameters()}
+    train(trainer, tmp_path / "run", Deadline(600, 1), max_steps=1, log_every=1)
+    changed = {k for k, v in trainer.G.named_parameters() if not torch.equal(before[k], v)}
+    assert changed and all(k.startswith("backbone.mapping.") for k in changed)
+
+
+def test_bad_conditioning_or_trainable_prefix_is_refused():
+    with pytest.raises(ValueError, match="generator_conditioning"):
+        Head3DTrainer(dataclasses.replace(TINY, generator_conditioning="random"), None)
+    with pytest.raises(ValueError, match="no generator parameter"):
+        Head3DTrainer(dataclasses.replace(TINY, trainable="backbone.mappnig"), None)
+
+
+def test_warm_start_takes_d_from_a_run_and_g_from_an_export(tmp_path):
+    source = Head3DTrainer(TINY, _tiny_data())
+    source.save(tmp_path / "run")
+    torch.manual_seed(1)
+    other = Head3DTrainer(dataclasses.replace(TINY, seed=1), None)
+    other.export(tmp_path / "export")
+    trainer = Head3DTrainer(TINY, None)
+    trainer.warm_start(tmp_path / "run", tmp_path / "export")
+    assert trainer.step_count == 0
+    for key, value in trainer.D.state_dict().items():
+        torch.testing.assert_close(value, source.D.state_dict()[key], rtol=1e-3, atol=1e-3)
+    exported = load_generator(tmp_path / "export").state_dict()
+    for module in (trainer.G, trainer.G_ema):
+        for key, value in module.state_dict().items():
+            torch.testing.assert_close(value, exported[key], rtol=1e-3, atol=1e-3)
+    assert not torch.equal(trainer.G.state_dict()["decoder.net.0.weight"],
+                           source.G.state_dict()["decoder.net.0.weight"].float())
+
+
 @pytest.fixture(scope="module")
 def pipeline():
     from core.pipelines.head3d import Head3DPipeline
@@ -281,6 +319,28 @@ def test_the_64_px_preview_uses_the_half_size_superresolution_and_other_sizes_ar
         build_head_generator(dataclasses.replace(TINY, resolution=96))
 
 
+@pytest.mark.parametrize("shape, expected", [("dome", True), ("plate", False), ("bowl", False), ("none", False)])
+def test_mesh_bulge_metric_accepts_a_dome_toward_the_viewer_only(shape, expected):
+    import trimesh
+
+    from training.eval_head3d import mesh_bulges
+
+    class MeshOnly:
+        def extract_mesh(self, ws):
+            if shape == "none":
+                raise ValueError("no surface")
+            grid = trimesh.creation.box(extents=(0.4, 0.4, 0.01)).subdivide().subdivide().subdivide()
+            vertices = grid.vertices.copy()
+            radius2 = vertices[:, 0] ** 2 + vertices[:, 1] ** 2
+            vertices[:, 2] += {"dome": -radius2, "plate": 0 * radius2, "bowl": radius2}[shape]
+            vertices = np.concatenate([vertices, vertices[:4] + 5])  # a small stray piece far away
+            faces = np.concatenate([grid.faces, [[len(grid.vertices), len(grid.vertices) + 1,
+                                                   len(grid.vertices) + 2]]])
+            return vertices, faces, None
+
+    assert mesh_bulges(MeshOnly(), torch.zeros(1)) is expected
+
+
 def test_eval_card_section_checks_the_targets_and_small_renders_are_upsampled_for_detection(tmp_path):
     from PIL import Image
 
@@ -294,7 +354,7 @@ def test_eval_card_section_checks_the_targets_and_small_renders_are_upsampled_fo
     assert faces and faces[0].landmarks[:, 0].max() > 64  # landmarks in the 128-px upsampled frame
     metrics = dict(seeds=8, face_detection_rate=0.975, identity_consistency=0.81, same_person_rate=0.25,
                    nose_in_front_rate=1.0, nose_depth_margin=0.012, fd_id=1.5, test_crops=20,
-                   face_detection_by_yaw={"-40": 0.875, "0": 1.0, "40": 0.75})
+                   face_detection_by_yaw={"-40": 0.875, "0": 1.0, "40": 0.75}, mesh_bulge_rate=0.9)
     card = tmp_path / "README.md"
     card.write_text("# head\n\n## Evaluation (eval_head3d)\n\nold\n")
     write_card_section(card, card_section(metrics), key="Evaluation (eval_head3d)")
@@ -304,6 +364,7 @@ def test_eval_card_section_checks_the_targets_and_small_renders_are_upsampled_fo
     assert rows["face detected, yaw -40..40 (5 views per head)"].endswith("✓ |")
     assert rows["same person frontal vs ±30° (dlib distance < 0.6, faces detected)"].endswith("✗ |")
     assert "97.5%" in text and "+0.0120" in text
+    assert rows["mesh's largest piece frontmost across its middle fifth (GLB shape, 128³)"].endswith("| 90.0% | >= 95 % | ✗ |")
     assert rows["face detected at yaw -40 / 0 / 40"].startswith("| face detected at yaw -40 / 0 / 40 | 88% / 100% / 75% |")
 
 

@@ -17,6 +17,10 @@ metrics against the issue's targets.
   when the render has a detected face, else at the FFHQ-aligned mean positions. `nose_in_front_rate` is the
   fraction of seeds whose nose is nearer than both cheeks, `nose_depth_margin` the mean (cheek - nose) depth in
   world units (positive: nose in front).
+* `mesh_bulge_rate` (the issue's "nose tip is the frontmost point of the face region", read on the mesh the app
+  exports): fraction of seeds whose mesh (`Head3DPipeline.extract_mesh`, 128^3 at the official level) has a
+  largest piece whose front (largest z, toward the frontal camera) across the middle fifth of its width is ahead of
+  its front across both outer fifths; a flat slab of fog or a concave shell fails. Seeds without a surface fail.
 * `fd_id`: Frechet distance of identity embeddings, frontal renders vs the archive's test crops.
 * Diversity (issue #9's "no collapse to one face" starts at the base): `identity_between_seeds`, the mean identity
   cosine between the frontal renders of different seeds, against `identity_between_test_crops`, the same over the
@@ -39,6 +43,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import trimesh
 from safetensors.torch import load_file
 
 from core.face import detect_faces
@@ -113,7 +118,7 @@ def generator_metrics(pipeline: Head3DPipeline, test_crops: list[np.ndarray], se
                       truncation_psi: float) -> dict[str, Any]:
     """The generator's metrics above over `seeds` seeds."""
     views = [(yaw, 0.0) for yaw in DETECTION_YAWS] + [(-CONSISTENCY_YAW, 0.0), (CONSISTENCY_YAW, 0.0)]
-    renders, frontal, turned, margins = [], [], [], []
+    renders, frontal, turned, margins, bulges = [], [], [], [], []
     for seed in range(seeds):
         ws = pipeline.latent(seed, truncation_psi)
         images = pipeline.render_views(ws, views)
@@ -121,6 +126,7 @@ def generator_metrics(pipeline: Head3DPipeline, test_crops: list[np.ndarray], se
         frontal.append(images[DETECTION_YAWS.index(0.0)])
         turned.append(images[len(DETECTION_YAWS):])
         margins.append(nose_depth_margin(pipeline, ws, frontal[-1]))
+        bulges.append(mesh_bulges(pipeline, ws))
     consistency = [pipeline.identity_similarity(np.stack([front, front]), pair)
                    for front, pair in zip(frontal, turned)]
     detected = [bool(detect(image)) for image in renders]
@@ -138,10 +144,28 @@ def generator_metrics(pipeline: Head3DPipeline, test_crops: list[np.ndarray], se
         "same_person_rate": float(np.mean(same_person)),
         "nose_in_front_rate": float(np.mean([margin > 0 for margin in margins])),
         "nose_depth_margin": float(np.mean(margins)),
+        "mesh_bulge_rate": float(np.mean(bulges)),
         "fd_id": frechet_identity_distance(frontal, test_crops, pipeline.identity),
         "test_crops": len(test_crops),
     }
     return {**metrics, **diversity(frontal, test_crops[:seeds], pipeline.identity, threshold)}
+
+
+def mesh_bulges(pipeline: Head3DPipeline, ws: torch.Tensor) -> bool:
+    """Whether the largest piece of the head's mesh is frontmost across the middle fifth of its width (see
+    `mesh_bulge_rate` in the module doc); False when there is no surface."""
+    try:
+        vertices, faces, _ = pipeline.extract_mesh(ws)
+    except ValueError:  # no surface at the level
+        return False
+    pieces = trimesh.Trimesh(vertices=vertices, faces=faces, process=False).split(only_watertight=False)
+    piece = max(pieces, key=lambda part: len(part.faces))
+    x, z = piece.vertices[:, 0], piece.vertices[:, 2]
+    fifth = np.clip(((x - x.min()) / max(float(np.ptp(x)), 1e-9) * 5).astype(int), 0, 4)
+    if not (fifth == 2).any():  # a gap across the middle
+        return False
+    left, middle, right = (z[fifth == index].max() for index in (0, 2, 4))
+    return bool(middle > left and middle > right)
 
 
 def diversity(frontal: list[np.ndarray], crops: list[np.ndarray], identity, threshold: float) -> dict[str, float]:
@@ -173,6 +197,11 @@ def card_section(metrics: dict[str, Any]) -> str:
          check(metrics["nose_in_front_rate"] >= 0.95)),
         ("mean cheek - nose depth (world units)", f"{metrics['nose_depth_margin']:+.4f}", "> 0",
          check(metrics["nose_depth_margin"] > 0)),
+    ]
+    if "mesh_bulge_rate" in metrics:
+        rows.append(("mesh's largest piece frontmost across its middle fifth (GLB shape, 128³)",
+                     f"{metrics['mesh_bulge_rate']:.1%}", ">= 95 %", check(metrics["mesh_bulge_rate"] >= 0.95)))
+    rows += [
         (f"FD-id, frontal renders vs {metrics['test_crops']} {metrics.get('split', 'test')} crops",
          f"{metrics['fd_id']:.3f}", "reported", ""),
     ]
