@@ -140,8 +140,16 @@ def load_checkpoint(
     directory = Path(directory)
     if not (directory / STATE_FILE).exists():
         return None
-    state, tensors = _read_checkpoint(directory)
-    _load_modules(tensors, modules)
+    state = json.loads((directory / STATE_FILE).read_text())
+    tensors: dict[str, torch.Tensor] = {}
+    for name in state["shard_files"]:
+        tensors.update(load_file(str(directory / name)))
+
+    for name, module in modules.items():
+        prefix = f"module.{name}."
+        own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        reference = module.state_dict()
+        module.load_state_dict({k: v.to(reference[k].dtype) if k in reference else v for k, v in own.items()})
     for name, optimizer in (optimizers or {}).items():
         meta = state["optimizers"][name]
         live_params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -163,31 +171,6 @@ def load_checkpoint(
     if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda_states)
     return state["step"], state["extra"]
-
-
-def _read_checkpoint(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    state = json.loads((directory / STATE_FILE).read_text())
-    tensors: dict[str, torch.Tensor] = {}
-    for name in state["shard_files"]:
-        tensors.update(load_file(str(directory / name)))
-    return state, tensors
-
-
-def _load_modules(tensors: dict[str, torch.Tensor], modules: dict[str, torch.nn.Module]) -> None:
-    for name, module in modules.items():
-        prefix = f"module.{name}."
-        own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        reference = module.state_dict()
-        module.load_state_dict({k: v.to(reference[k].dtype) if k in reference else v for k, v in own.items()})
-
-
-def load_module_weights(directory: str | Path, modules: dict[str, torch.nn.Module]) -> None:
-    """Load only the module weights of the checkpoint in `directory` (strictly), to start a new run from them;
-    optimizer and RNG states are left alone."""
-    directory = Path(directory)
-    if not (directory / STATE_FILE).exists():
-        raise FileNotFoundError(f"no checkpoint in {directory}")
-    _load_modules(_read_checkpoint(directory)[1], modules)
 
 
 def add_budget_options(parser, reserve_s: float = 45.0) -> None:

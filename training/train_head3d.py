@@ -8,10 +8,6 @@ Recipe (EG3D / PanoHead at small scale):
   super-resolution to 128 px, `torgb` raw image, background network, `t_mapping` camera-translation offset (L2
   `translation_reg`). Pose-conditioned mapping (c_scale 1) with EG3D's generator pose conditioning swap: with
   probability `gpc_prob` the mapping sees another training camera than the one rendered.
-  `generator_conditioning="frontal"` makes the mapping always see the frontal camera instead, and `trainable`
-  restricts which G parameters train; with `--init-run` / `--init-generator` they fine-tune only the mapping of a
-  trained generator (the synthesis, and so every style delta over it, unchanged): the fix for a mapping that read a
-  head's identity from its conditioning camera (training/README.md, "Fine-tuning the mapping").
 * Discriminator: `training.discriminator.Discriminator` on 6 channels (final image + raw image upsampled to 128
   px; reals: the image resized down to the neural rendering resolution and up again), projection-conditioned on the
   25-float camera label. Non-saturating loss, lazy R1 on both real channels, ADA-controlled augmentation of
@@ -54,14 +50,14 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
 
-from core.nets import CONFIG_FILE, WEIGHTS_FILE, load_generator
+from core.nets import CONFIG_FILE, WEIGHTS_FILE
 from core.nets.camera import camera_label
 from core.nets.triplane import TriPlaneGenerator
 from core.nets.volume_rendering import sample_rays
 from training.augment import AdaptiveProbability, augment, parse_operations
 from training.discriminator import Discriminator
-from training.resumable import (Deadline, add_budget_options, last_log_record, load_checkpoint, load_module_weights,
-                                save_checkpoint, stored_config)
+from training.resumable import (Deadline, add_budget_options, last_log_record, load_checkpoint, save_checkpoint,
+                                stored_config)
 from training.train_stylegan2 import add_config_options, configure_device, nan_to_num_grads, train, update_ema
 
 PRIOR_FILE = "geometry_prior.npz"
@@ -69,7 +65,6 @@ CARD_FILE = "README.md"
 CAMERA_DIM = 25
 SAMPLE_YAWS = (-40, -20, 0, 20, 40)
 SAMPLE_SEEDS = 4
-GENERATOR_CONDITIONINGS = ("swap", "frontal")
 
 
 @dataclass
@@ -98,12 +93,9 @@ class Head3DConfig:
     r1_gamma: float = 1.0
     r1_interval: int = 16
     gpc_prob: float = 0.7
-    # "swap": EG3D's generator pose conditioning (the rendered camera, or with probability gpc_prob another training
-    # camera); "frontal": the mapping always sees the frontal camera, the pipelines' convention at inference, so a
-    # head's identity can only come from z (training/README.md, "Fine-tuning the mapping")
-    generator_conditioning: str = "swap"
-    # comma-separated prefixes of the G parameter names that train ("" = all), e.g. "backbone.mapping"
-    trainable: str = ""
+    # EG3D's option: the mapping sees a zero camera, so a head's identity can only come from z (the 64-px preview's
+    # camera-conditioned mapping read identity from the camera: training/README.md, "CPU previews")
+    c_gen_conditioning_zero: bool = False
     translation_reg: float = 10.0
     prior_weight: float = 1.0
     prior_kimg: float = 200.0
@@ -137,7 +129,7 @@ class Head3DConfig:
                     triplane_size=self.triplane_size, decoder_activation="none", use_torgb_raw=True,
                     use_background=True, disparity_space_sampling=False, clamp_mode="softplus",
                     superresolution_module=f"training.superresolution.{self.superresolution_variant}",
-                    c_gen_conditioning_zero=False, c_scale=1.0, superresolution_noise_mode="none",
+                    c_gen_conditioning_zero=self.c_gen_conditioning_zero, c_scale=1.0, superresolution_noise_mode="none",
                     density_reg=0.0, decoder_lr_mul=1.0, sr_antialias=True, depth_resolution=self.depth_samples,
                     depth_resolution_importance=self.importance_samples, ray_start=2.25, ray_end=3.3,
                     box_warp=1.0, avg_camera_radius=2.7, avg_camera_pivot=[0, 0, 0.2])
@@ -276,17 +268,6 @@ def surface_loss(G: TriPlaneGenerator, planes: torch.Tensor, depth: torch.Tensor
     return ((front_loss + behind_loss) * valid).sum() / count
 
 
-def trainable_parameters(G: torch.nn.Module, prefixes: str) -> list[torch.nn.Parameter]:
-    """G's parameters whose names start with one of the comma-separated `prefixes` (all when empty)."""
-    wanted = [prefix.strip() for prefix in prefixes.split(",") if prefix.strip()]
-    if not wanted:
-        return list(G.parameters())
-    chosen = [p for name, p in G.named_parameters() if any(name.startswith(prefix) for prefix in wanted)]
-    if not chosen:
-        raise ValueError(f"no generator parameter starts with any of {wanted}")
-    return chosen
-
-
 def resize(images: torch.Tensor, size: int) -> torch.Tensor:
     """Antialiased bilinear resize to size x size."""
     return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
@@ -305,11 +286,7 @@ class Head3DTrainer:
         self.G = build_head_generator(config).train().to(self.device)
         self.D = Discriminator(**config.discriminator_kwargs()).train().to(self.device)
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
-        if config.generator_conditioning not in GENERATOR_CONDITIONINGS:
-            raise ValueError(f"generator_conditioning must be one of {GENERATOR_CONDITIONINGS}, "
-                             f"not {config.generator_conditioning!r}")
-        self.trainable_G = trainable_parameters(self.G, config.trainable)
-        self.opt_G = torch.optim.Adam(self.trainable_G, lr=config.lr_g, betas=(0.0, 0.99), eps=1e-8)
+        self.opt_G = torch.optim.Adam(self.G.parameters(), lr=config.lr_g, betas=(0.0, 0.99), eps=1e-8)
         self.opt_D = torch.optim.Adam(self.D.parameters(), lr=config.lr_d, betas=(0.0, 0.99), eps=1e-8)
         self.ada = AdaptiveProbability(config.augment_p, config.ada_target, config.ada_kimg)
         self.operations = parse_operations(config.augment)
@@ -351,8 +328,6 @@ class Head3DTrainer:
         index, mirror = self._draw(salt)
         cameras = self._cameras(index, mirror)
         prior = torch.where(mirror[:, None, None], self.data.prior[index].flip(-1), self.data.prior[index])
-        if self.config.generator_conditioning == "frontal":
-            return cameras, camera_label(0, 0).to(self.device).expand(len(index), -1), prior
         swap_index, swap_mirror = self._draw(salt + 1)
         swapped = self._cameras(swap_index, swap_mirror)
         swap = (torch.rand([len(index)], device=self.device) < self.config.gpc_prob)[:, None]
@@ -381,9 +356,7 @@ class Head3DTrainer:
         cfg = self.config
         stats: dict[str, Any] = {}
 
-        self.G.requires_grad_(False)
-        for parameter in self.trainable_G:
-            parameter.requires_grad_(True)
+        self.G.requires_grad_(True)
         self.D.requires_grad_(False)
         self.opt_G.zero_grad(set_to_none=True)
         cameras, conditioning, prior = self._fake_cameras(2)
@@ -454,16 +427,6 @@ class Head3DTrainer:
                         module_dtypes={"G": half, "D": half, "G_ema": half} if compact else None,
                         moment_dtype=torch.bfloat16 if compact else None,
                         skip_state=("exp_avg",))  # beta1 = 0: exp_avg is overwritten by the next gradient
-
-    def warm_start(self, init_run: str | Path | None = None, init_generator: str | Path | None = None) -> None:
-        """Start from trained weights instead of random ones (the step count, optimizer and ADA states stay fresh):
-        G, D and G_ema from the checkpoint of another run folder, then G and G_ema from an exported generator."""
-        if init_run is not None:
-            load_module_weights(init_run, {"G": self.G, "D": self.D, "G_ema": self.G_ema})
-        if init_generator is not None:
-            exported = load_generator(init_generator)
-            for module in (self.G, self.G_ema):
-                module.load_state_dict(exported.state_dict())
 
     def load(self, run_dir: str | Path) -> bool:
         """Restore from `run_dir`; False when it holds no checkpoint."""
@@ -558,9 +521,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--exact-checkpoint", action="store_true", help="store float32 weights and moments")
     parser.add_argument("--export", help="write G_ema in the bundled format here at the end")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--init-run", help="a new run starts from this run folder's G, D and G_ema weights")
-    parser.add_argument("--init-generator", help="a new run starts with G and G_ema from this exported generator"
-                        " (after --init-run)")
     add_config_options(parser, Head3DConfig, skip=("data", "split", "resolution"))
     args = parser.parse_args(argv)
 
@@ -584,9 +544,7 @@ def main(argv: list[str] | None = None) -> None:
         config = dataclasses.replace(config, data=str(data_path), resolution=data.images.shape[-1])
         print(f"{data.images.shape[0]} training images of {config.resolution} px", flush=True)
     trainer = Head3DTrainer(config, data, device)
-    if not trainer.load(run_dir) and (args.init_run or args.init_generator):
-        trainer.warm_start(args.init_run, args.init_generator)
-        print(f"warm start from {args.init_run or ''} {args.init_generator or ''}".rstrip(), flush=True)
+    trainer.load(run_dir)
     record = None
     if args.minutes > 0:
         record = train(trainer, run_dir, deadline, max_steps=args.steps, max_kimg=args.kimg,
