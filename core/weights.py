@@ -3,7 +3,8 @@
 
 The registry lives in `weights/registry.json`. Each entry names the model, its Hub `repo_id` and full 40-character
 `revision` (when it is published), the files with their sha256 and size, the licence, and the folder under
-`weights/` holding a bundled copy (when there is one). A `derived_from` entry names a file inside an installed
+`weights/` holding a bundled copy (when there is one), and optionally `limitations`: what a user of the model should
+expect it to get wrong, in a sentence or two (the tabs show it beside their preview-model note). A `derived_from` entry names a file inside an installed
 Python package (with its sha256) and a converter in `CONVERTERS` that writes the model's `outputs` from it into the
 cache folder (`cache_root() / <name>`); the model's other files come from its bundled folder. This module imports
 neither torch nor gradio at import time, so `python -m core.weights list` answers fast.
@@ -12,6 +13,7 @@ CLI:
     python -m core.weights list                      # where each model resolves, size, checksum state
     python -m core.weights convert NAME [NAME ...]   # convert derived models now (e.g. at image build time)
     python -m core.weights register weights/<dir> --name NAME --licence LICENCE [--repo-id ID --revision SHA]
+        [--description TEXT] [--limitations TEXT]
 """
 
 from __future__ import annotations
@@ -94,6 +96,11 @@ class ModelEntry:
     @property
     def size(self) -> int:
         return sum(f.size for f in self.files)
+
+    @property
+    def limitations(self) -> str:
+        """What the model is known to get wrong ("" when the entry says nothing)."""
+        return self.extra.get("limitations", "")
 
     def hub_filename(self, name: str) -> str:
         return f"{self.subfolder}/{name}" if self.subfolder else name
@@ -532,7 +539,8 @@ def _register(args: argparse.Namespace) -> int:
             revision=args.revision or (previous.revision if previous else None),
             subfolder=previous.subfolder if previous else None,
             bundled=str(folder.relative_to(registry.weights_dir.resolve())),
-            extra=previous.extra if previous else {},
+            extra={**(previous.extra if previous else {}),
+                   **({"limitations": args.limitations} if args.limitations is not None else {})},
         )
     )
     registry.save(Path(args.registry))
@@ -566,6 +574,7 @@ def main(argv: list[str] | None = None) -> int:
     reg.add_argument("--name", required=True)
     reg.add_argument("--licence")
     reg.add_argument("--description")
+    reg.add_argument("--limitations", help="what the model is known to get wrong (shown in the tabs)")
     reg.add_argument("--repo-id")
     reg.add_argument("--revision")
     reg.add_argument("--registry", default=str(REGISTRY_PATH))

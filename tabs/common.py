@@ -67,7 +67,8 @@ def save_pngs(images: Sequence[np.ndarray], provenance: Provenance | None, stem:
 
 def preview_note(registry, chosen: dict[str, str]) -> str | None:
     """A note for the tab when some of its models are CPU-trained previews: `chosen` maps the preferred registry
-    name of each model to the one in use (`Registry.first_available`). None when all are the preferred ones."""
+    name of each model to the one in use (`Registry.first_available`), and each preview's registry `limitations`
+    follow. None when all are the preferred ones."""
     previews = {preferred: name for preferred, name in chosen.items() if name != preferred}
     if not previews:
         return None
@@ -77,9 +78,11 @@ def preview_note(registry, chosen: dict[str, str]) -> str | None:
         size = config.get("init_kwargs", {}).get("img_resolution") or config.get("config", {}).get("resolution")
         return f"{name} ({size} px)" if size else name
 
-    return ("**Preview models.** This tab runs on small models trained on a CPU, not yet on the GPU-trained ones "
+    note = ("**Preview models.** This tab runs on small models trained on a CPU, not yet on the GPU-trained ones "
             f"it is built for: {', '.join(resolution(name) for name in previews.values())}, instead of "
             f"{', '.join(previews)}. Expect small, soft images; the controls work the same way.")
+    known = [(name, registry.entry(name).limitations) for name in previews.values()]
+    return note + "".join(f" Known limits of {name}: {text}" for name, text in known if text)
 
 
 def style_label(registry, name: str) -> str:

@@ -4,6 +4,7 @@ predicted region and leaves the photo's pixels far from it as they were."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +52,11 @@ def test_pipeline_falls_back_to_the_preview_and_the_tab_says_so(tmp_path):
     pipeline = Latents2SemanticsPipeline.from_pretrained(runtime=Runtime("cpu", registry=registry))
     assert pipeline.model_name == MODEL_NAMES[-1]
     note = preview_note(registry, {MODEL_NAMES[0]: MODEL_NAMES[-1]})
-    assert "Preview models" in note and f"{MODEL_NAMES[-1]} (32 px)" in note
+    assert "Preview models" in note and f"{MODEL_NAMES[-1]} (32 px)" in note and "Known limits" not in note
+    entry = registry.entry(MODEL_NAMES[-1])
+    registry.add(dataclasses.replace(entry, extra={**entry.extra, "limitations": "Coarse lip masks."}))
+    note = preview_note(registry, {MODEL_NAMES[0]: MODEL_NAMES[-1]})
+    assert note.endswith(f"Known limits of {MODEL_NAMES[-1]}: Coarse lip masks.")
 
 
 def test_edit_returns_variants_mask_and_reconstruction_with_provenance(client):

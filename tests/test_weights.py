@@ -276,3 +276,15 @@ def test_identity_resnet_converts_from_its_package_to_the_registered_file(tmp_pa
     resolved = registry.resolve("identity-resnet")  # verifies the registered sha256 of model.safetensors
     assert resolved.source == "converted"
     assert resolved.path("model.safetensors").parent == tmp_path / "cache" / "identity-resnet"
+
+
+def test_register_keeps_limitations_until_replaced(tmp_path):
+    registry = _register(tmp_path)
+    assert registry.entry("tiny").limitations == ""
+    path = tmp_path / "weights" / "registry.json"
+    folder = str(tmp_path / "weights" / "tiny")
+    assert W.main(["register", folder, "--name", "tiny", "--limitations", "Blurry.", "--registry", str(path)]) == 0
+    assert W.main(["register", folder, "--name", "tiny", "--description", "new", "--registry", str(path)]) == 0
+    entry = W.Registry.load(path).entry("tiny")
+    assert entry.limitations == "Blurry." and entry.description == "new" and entry.licence == "MIT"
+    assert json.loads(path.read_text())["models"][0]["limitations"] == "Blurry."
