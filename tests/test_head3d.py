@@ -274,7 +274,7 @@ def test_the_geometry_prior_alone_shapes_the_density():
         (opacity_loss + depth_loss + TINY.translation_reg * delta.square().sum(1).mean()).backward()
         assert all(torch.isfinite(p.grad).all() for p in trainer.G.parameters() if p.grad is not None), step
         trainer.opt_G.step()
-        losses.append((float(opacity_loss), float(depth_loss)))
+        losses.append((float(opacity_loss.detach()), float(depth_loss.detach())))
     first, last = np.mean(losses[:5], axis=0), np.mean(losses[-5:], axis=0)
     assert last[0] < first[0] - 0.05, (first, last)  # opacity rises (slowly: Adam moves the decoder ~lr a step)
 

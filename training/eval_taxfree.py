@@ -88,7 +88,8 @@ def resize_like(images: np.ndarray, reference: np.ndarray) -> np.ndarray:
     size = reference.shape[1:3]
     if images.shape[1:3] == size:
         return images
-    x = F.interpolate(torch.from_numpy(images).permute(0, 3, 1, 2).float(), size=size, mode="bicubic",
+    writable = np.require(images, requirements="W")  # read-only arrays (decoded images) are copied
+    x = F.interpolate(torch.from_numpy(writable).permute(0, 3, 1, 2).float(), size=size, mode="bicubic",
                       align_corners=False)
     return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
