@@ -4,9 +4,10 @@
 The registry lives in `weights/registry.json`. Each entry names the model, its Hub `repo_id` and full 40-character
 `revision` (when it is published), the files with their sha256 and size, the licence, and the folder under
 `weights/` holding a bundled copy (when there is one), and optionally `limitations`: what a user of the model should
-expect it to get wrong, in a sentence or two (the tabs show it beside their preview-model note). A `derived_from` entry names a file inside an installed
-Python package (with its sha256) and a converter in `CONVERTERS` that writes the model's `outputs` from it into the
-cache folder (`cache_root() / <name>`); the model's other files come from its bundled folder. This module imports
+expect it to get wrong, in a sentence or two (the tabs show it beside their preview-model note). A `derived_from`
+entry names a file inside an installed Python package (with its sha256) and a converter in `CONVERTERS` that writes
+the model's `outputs` from it into the cache folder (`cache_root() / <name>`); the model's other files come from its
+bundled folder. This module imports
 neither torch nor gradio at import time, so `python -m core.weights list` answers fast.
 
 CLI:
