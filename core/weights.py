@@ -7,8 +7,8 @@ The registry lives in `weights/registry.json`. Each entry names the model, its H
 expect it to get wrong, in a sentence or two (the tabs show it beside their preview-model note). A `derived_from`
 entry names a file inside an installed Python package (with its sha256) and a converter in `CONVERTERS` that writes
 the model's `outputs` from it into the cache folder (`cache_root() / <name>`); the model's other files come from its
-bundled folder. This module imports
-neither torch nor gradio at import time, so `python -m core.weights list` answers fast.
+bundled folder. This module imports neither torch nor gradio at import time, so `python -m core.weights list`
+answers fast.
 
 CLI:
     python -m core.weights list                      # where each model resolves, size, checksum state
