@@ -312,7 +312,8 @@ def test_depth_of_an_empty_ray_is_the_far_end_with_finite_gradients():
     assert float(depth[0, 1].detach()) == pytest.approx(3.3)  # the official 0/0 -> inf -> clamped to the far end
     weights = ray_weights(densities, depths)[0, 0]
     midpoints = (depths[0, 0, :-1] + depths[0, 0, 1:]) / 2
-    assert float(depth[0, 0].detach()) == pytest.approx(float((weights * midpoints).sum().detach() / weights.sum().detach()))
+    expected = (weights * midpoints).sum() / weights.sum()
+    assert float(depth[0, 0].detach()) == pytest.approx(float(expected.detach()))
     depth.sum().backward()
     assert torch.isfinite(densities.grad).all()
     assert densities.grad[0, 0].abs().sum() > 0 and densities.grad[0, 1].abs().sum() == 0

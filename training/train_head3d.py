@@ -129,7 +129,8 @@ class Head3DConfig:
                     triplane_size=self.triplane_size, decoder_activation="none", use_torgb_raw=True,
                     use_background=True, disparity_space_sampling=False, clamp_mode="softplus",
                     superresolution_module=f"training.superresolution.{self.superresolution_variant}",
-                    c_gen_conditioning_zero=self.c_gen_conditioning_zero, c_scale=1.0, superresolution_noise_mode="none",
+                    c_gen_conditioning_zero=self.c_gen_conditioning_zero, c_scale=1.0,
+                    superresolution_noise_mode="none",
                     density_reg=0.0, decoder_lr_mul=1.0, sr_antialias=True, depth_resolution=self.depth_samples,
                     depth_resolution_importance=self.importance_samples, ray_start=2.25, ray_end=3.3,
                     box_warp=1.0, avg_camera_radius=2.7, avg_camera_pivot=[0, 0, 0.2])
